@@ -1,0 +1,366 @@
+//! Configuration: a YAML file (`conf/backend.yaml`), then environment variables, then flags.
+//!
+//! Two stages, as everywhere in this project: [`FileConfig`] is what serde reads (unknown keys
+//! are errors), [`FileConfig::validate`] turns it into a [`Config`] that cannot hold an invalid
+//! value. Every error names the key and the offending value.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::Deserialize;
+
+/// Default listen host.
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+/// Default listen port (the seeds' port).
+pub const DEFAULT_PORT: u16 = 3000;
+/// Prefix of every Redis key and channel this server writes.
+pub const DEFAULT_KEY_PREFIX: &str = "mcp:";
+/// Sliding session TTL: 30 minutes.
+pub const DEFAULT_SESSION_TTL_SECONDS: u64 = 1800;
+/// Events kept per SSE stream for `Last-Event-ID` replay.
+pub const DEFAULT_EVENT_LOG_MAX_LEN: u64 = 1000;
+/// Largest accepted POST body: 4 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+/// Interval of SSE keep-alive comments.
+pub const DEFAULT_SSE_KEEP_ALIVE_SECONDS: u64 = 15;
+/// How long one Redis command may take before the request answers 503.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
+/// Hosts accepted in `Host` by default: loopback only (DNS-rebinding protection).
+pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+
+/// A configuration that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        path: String,
+        source: serde_yaml::Error,
+    },
+    #[error("invalid value for `{key}`: {value:?} ({reason})")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+}
+
+fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.to_string(),
+        reason,
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The configuration file as written. Every key is optional; see `conf/backend.yaml`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub node_id: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub redis_url: Option<String>,
+    pub key_prefix: Option<String>,
+    pub session_ttl_seconds: Option<u64>,
+    pub event_log_max_len: Option<u64>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub allowed_origins: Option<Vec<String>>,
+    pub max_body_bytes: Option<usize>,
+    pub sse_keep_alive_seconds: Option<u64>,
+    pub redis_timeout_ms: Option<u64>,
+    pub conformance: Option<bool>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// The validated runtime configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: String,
+    pub listen: SocketAddr,
+    /// `None`: sessions live in this process only (one node).
+    pub redis_url: Option<String>,
+    pub key_prefix: String,
+    pub session_ttl: Duration,
+    pub event_log_max_len: u64,
+    /// Empty: any `Host` is accepted.
+    pub allowed_hosts: Vec<String>,
+    /// Empty: `Origin` is not checked. Otherwise a present, unlisted `Origin` gets 403.
+    pub allowed_origins: Vec<String>,
+    pub max_body_bytes: usize,
+    pub sse_keep_alive: Duration,
+    pub redis_timeout: Duration,
+    /// Serve the fixture tools, resources and prompts of the official conformance suite.
+    pub conformance: bool,
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The empty file is valid by construction; `validate` only fails on bad values.
+        match FileConfig::default().validate() {
+            Ok(config) => config,
+            Err(e) => unreachable!("default config is invalid: {e}"),
+        }
+    }
+}
+
+impl FileConfig {
+    /// Reads and parses a YAML file (unknown keys are errors).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|source| ConfigError::Parse {
+            path: path.display().to_string(),
+            source,
+        })
+    }
+
+    /// Parses YAML text. An empty document is the default configuration.
+    pub fn parse(text: &str) -> Result<Self, serde_yaml::Error> {
+        if text.trim().is_empty() {
+            return Ok(Self::default());
+        }
+        serde_yaml::from_str(text)
+    }
+
+    /// Overlays the documented environment variables (`NODE_ID`, `HOST`, `PORT`, `REDIS_URL`,
+    /// `SESSION_TTL_SECONDS`) read through `get`.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
+        if let Some(v) = get("NODE_ID") {
+            self.node_id = Some(v);
+        }
+        if let Some(v) = get("HOST") {
+            self.host = Some(v);
+        }
+        if let Some(v) = get("PORT") {
+            self.port = Some(
+                v.parse()
+                    .map_err(|_| invalid("PORT", &v, "not a port number"))?,
+            );
+        }
+        if let Some(v) = get("REDIS_URL") {
+            self.redis_url = Some(v);
+        }
+        if let Some(v) = get("SESSION_TTL_SECONDS") {
+            self.session_ttl_seconds = Some(v.parse().map_err(|_| {
+                invalid("SESSION_TTL_SECONDS", &v, "not a whole number of seconds")
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Checks every value and builds the runtime [`Config`].
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let node_id = match self.node_id {
+            Some(id) => {
+                if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                    return Err(invalid(
+                        "node_id",
+                        id,
+                        "must be 1-64 visible ASCII characters",
+                    ));
+                }
+                id
+            }
+            None => format!("node-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]),
+        };
+        let host = self.host.unwrap_or_else(|| DEFAULT_HOST.to_owned());
+        let port = self.port.unwrap_or(DEFAULT_PORT);
+        let ip: std::net::IpAddr = host
+            .trim_matches(['[', ']'])
+            .parse()
+            .map_err(|_| invalid("host", &host, "not an IP address"))?;
+        let redis_url = match self.redis_url {
+            Some(url) if url.trim().is_empty() => None,
+            Some(url) => {
+                redis::Client::open(url.as_str())
+                    .map_err(|_| invalid("redis_url", &url, "not a redis:// URL"))?;
+                Some(url)
+            }
+            None => None,
+        };
+        let key_prefix = self
+            .key_prefix
+            .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
+        if key_prefix.chars().any(|c| c.is_whitespace() || c == '*') || key_prefix.len() > 64 {
+            return Err(invalid(
+                "key_prefix",
+                key_prefix,
+                "must not contain whitespace or '*' and be at most 64 bytes",
+            ));
+        }
+        let ttl = self
+            .session_ttl_seconds
+            .unwrap_or(DEFAULT_SESSION_TTL_SECONDS);
+        if ttl == 0 || ttl > 30 * 24 * 3600 {
+            return Err(invalid(
+                "session_ttl_seconds",
+                ttl,
+                "must be between 1 and 2592000 (30 days)",
+            ));
+        }
+        let event_log_max_len = self.event_log_max_len.unwrap_or(DEFAULT_EVENT_LOG_MAX_LEN);
+        if event_log_max_len == 0 {
+            return Err(invalid("event_log_max_len", 0, "must be at least 1"));
+        }
+        let allowed_hosts = self.allowed_hosts.unwrap_or_else(|| {
+            DEFAULT_ALLOWED_HOSTS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect()
+        });
+        for h in &allowed_hosts {
+            if h.is_empty() || h.contains(['/', ' ']) {
+                return Err(invalid("allowed_hosts", h, "must be a host or host:port"));
+            }
+        }
+        let allowed_origins = self.allowed_origins.unwrap_or_default();
+        for o in &allowed_origins {
+            if o != "null" && !(o.starts_with("http://") || o.starts_with("https://")) {
+                return Err(invalid(
+                    "allowed_origins",
+                    o,
+                    "must be scheme://host[:port|:*] or \"null\"",
+                ));
+            }
+        }
+        let max_body_bytes = self.max_body_bytes.unwrap_or(DEFAULT_MAX_BODY_BYTES);
+        if max_body_bytes < 1024 {
+            return Err(invalid(
+                "max_body_bytes",
+                max_body_bytes,
+                "must be at least 1024",
+            ));
+        }
+        let keep_alive = self
+            .sse_keep_alive_seconds
+            .unwrap_or(DEFAULT_SSE_KEEP_ALIVE_SECONDS);
+        if keep_alive == 0 || keep_alive > 3600 {
+            return Err(invalid(
+                "sse_keep_alive_seconds",
+                keep_alive,
+                "must be between 1 and 3600",
+            ));
+        }
+        let redis_timeout_ms = self.redis_timeout_ms.unwrap_or(DEFAULT_REDIS_TIMEOUT_MS);
+        if !(10..=60_000).contains(&redis_timeout_ms) {
+            return Err(invalid(
+                "redis_timeout_ms",
+                redis_timeout_ms,
+                "must be between 10 and 60000",
+            ));
+        }
+        Ok(Config {
+            node_id,
+            listen: SocketAddr::new(ip, port),
+            redis_url,
+            key_prefix,
+            session_ttl: Duration::from_secs(ttl),
+            event_log_max_len,
+            allowed_hosts,
+            allowed_origins,
+            max_body_bytes,
+            sse_keep_alive: Duration::from_secs(keep_alive),
+            redis_timeout: Duration::from_millis(redis_timeout_ms),
+            conformance: self.conformance.unwrap_or(false),
+            log_format: self.log_format.unwrap_or_default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(yaml: &str) -> String {
+        match FileConfig::parse(yaml).map_err(|e| e.to_string()) {
+            Ok(file) => file
+                .validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default(),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let c = FileConfig::parse("").and_then(|f| Ok(f.validate()));
+        let Ok(Ok(c)) = c else {
+            panic!("empty config must be valid");
+        };
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.session_ttl, Duration::from_secs(1800));
+        assert_eq!(c.key_prefix, "mcp:");
+        assert!(c.redis_url.is_none(), "no Redis unless configured");
+        assert!(c.node_id.starts_with("node-"), "node id is generated");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = err("prot: 3000\n");
+        assert!(e.contains("prot"), "error must name the unknown key: {e}");
+    }
+
+    #[test]
+    fn bad_values_name_key_and_value() {
+        for (yaml, key, value) in [
+            ("session_ttl_seconds: 0", "session_ttl_seconds", "0"),
+            ("host: example.com", "host", "example.com"),
+            ("redis_url: http://x", "redis_url", "http://x"),
+            (
+                "allowed_origins: [example.com]",
+                "allowed_origins",
+                "example.com",
+            ),
+            ("max_body_bytes: 10", "max_body_bytes", "10"),
+        ] {
+            let e = err(yaml);
+            assert!(
+                e.contains(key) && e.contains(value),
+                "error for {yaml:?} must name key and value: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let mut f = FileConfig::parse("port: 1234\n").unwrap_or_default();
+        let env = |k: &str| match k {
+            "PORT" => Some("4321".to_owned()),
+            "REDIS_URL" => Some("redis://127.0.0.1:6390".to_owned()),
+            _ => None,
+        };
+        assert!(f.apply_env(env).is_ok());
+        let Ok(c) = f.validate() else { panic!("valid") };
+        assert_eq!(c.listen.port(), 4321, "PORT overrides the file");
+        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6390"));
+    }
+
+    #[test]
+    fn bad_env_value_is_named() {
+        let mut f = FileConfig::default();
+        let e = f
+            .apply_env(|k| (k == "PORT").then(|| "http".to_owned()))
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("PORT") && e.contains("http"), "{e}");
+    }
+}

@@ -1,0 +1,475 @@
+//! Fixtures of the official MCP conformance suite (`@modelcontextprotocol/conformance`),
+//! served with `--conformance`. Names, arguments and contents follow the suite's fixture
+//! contract; they are test data, not product features.
+#![allow(deprecated)] // logging and sampling are legacy-only, and the suite still calls them
+
+use std::{sync::Arc, time::Duration};
+
+use rmcp::{ErrorData, RoleServer, model::*, service::RequestContext};
+use serde_json::{Value, json};
+
+/// A 1x1 red PNG.
+const PNG: &str = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg==";
+/// A minimal WAV file.
+const WAV: &str = "UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA=";
+
+fn schema(v: Value) -> Arc<JsonObject> {
+    match v {
+        Value::Object(m) => Arc::new(m),
+        _ => Arc::new(JsonObject::new()),
+    }
+}
+
+fn no_args() -> Arc<JsonObject> {
+    schema(json!({"type": "object", "properties": {}}))
+}
+
+fn text(t: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(t)])
+}
+
+pub fn tools() -> Vec<Tool> {
+    let simple =
+        |name: &'static str, description: &'static str| Tool::new(name, description, no_args());
+    vec![
+        simple("test_simple_text", "Returns a simple text response"),
+        simple("test_image_content", "Returns an image"),
+        simple("test_audio_content", "Returns an audio clip"),
+        simple("test_embedded_resource", "Returns an embedded resource"),
+        simple(
+            "test_multiple_content_types",
+            "Returns text, image and resource content",
+        ),
+        simple(
+            "test_tool_with_logging",
+            "Sends three log messages while it runs",
+        ),
+        simple(
+            "test_tool_with_progress",
+            "Sends three progress notifications while it runs",
+        ),
+        simple("test_error_handling", "Always returns a tool error"),
+        Tool::new(
+            "test_sampling",
+            "Asks the client's model to complete a prompt",
+            schema(json!({
+                "type": "object",
+                "properties": {"prompt": {"type": "string", "description": "The prompt to send"}},
+                "required": ["prompt"]
+            })),
+        ),
+        Tool::new(
+            "test_elicitation",
+            "Asks the user for input",
+            schema(json!({
+                "type": "object",
+                "properties": {"message": {"type": "string", "description": "The message to show"}},
+                "required": ["message"]
+            })),
+        ),
+        simple(
+            "test_elicitation_sep1034_defaults",
+            "Elicitation whose fields have defaults (SEP-1034)",
+        ),
+        simple(
+            "test_elicitation_sep1330_enums",
+            "Elicitation with every enum form (SEP-1330)",
+        ),
+        simple(
+            "test_reconnection",
+            "Closes its SSE stream mid-call; the client resumes",
+        ),
+        Tool::new(
+            "json_schema_2020_12_tool",
+            "Echoes arguments validated by a JSON Schema 2020-12 input schema",
+            schema(json!({
+                "$schema": "https://json-schema.org/draft/2020-12/schema",
+                "type": "object",
+                "$defs": {"address": {"$anchor": "addressDef", "type": "object",
+                    "properties": {"street": {"type": "string"}, "city": {"type": "string"}}}},
+                "properties": {
+                    "name": {"type": "string"},
+                    "address": {"$ref": "#/$defs/address"},
+                    "contactMethod": {"type": "string", "enum": ["phone", "email"]},
+                    "phone": {"type": "string"},
+                    "email": {"type": "string"}
+                },
+                "allOf": [{"anyOf": [{"required": ["phone"]}, {"required": ["email"]}]}],
+                "if": {"properties": {"contactMethod": {"const": "phone"}}, "required": ["contactMethod"]},
+                "then": {"required": ["phone"]},
+                "else": {"required": ["email"]},
+                "additionalProperties": false
+            })),
+        ),
+        simple(
+            "test_missing_capability",
+            "Needs the client's sampling capability",
+        ),
+        simple(
+            "test_streaming_elicitation",
+            "Streams notifications, never an independent request",
+        ),
+        simple(
+            "test_logging_tool",
+            "Logs only when the request opts in with a log level",
+        ),
+    ]
+}
+
+async fn elicit(
+    cx: &RequestContext<RoleServer>,
+    message: &str,
+    requested: Value,
+) -> Result<ElicitResult, String> {
+    let requested_schema: ElicitationSchema =
+        serde_json::from_value(requested).map_err(|e| e.to_string())?;
+    cx.peer
+        .create_elicitation(ElicitRequestParams::FormElicitationParams {
+            meta: None,
+            message: message.to_owned(),
+            requested_schema,
+        })
+        .await
+        .map_err(|e| e.to_string())
+}
+
+fn elicitation_text(prefix: &str, r: Result<ElicitResult, String>) -> CallToolResult {
+    match r {
+        Ok(r) => text(format!(
+            "{prefix}: action={}, content={}",
+            serde_json::to_value(&r.action)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            serde_json::to_string(&r.content).unwrap_or_default()
+        )),
+        Err(e) => {
+            CallToolResult::error(vec![ContentBlock::text(format!("elicitation failed: {e}"))])
+        }
+    }
+}
+
+/// Runs a fixture tool; `Ok(None)` when `request` names none.
+pub async fn call_tool(
+    request: &CallToolRequestParams,
+    cx: &RequestContext<RoleServer>,
+) -> Result<Option<CallToolResponse>, ErrorData> {
+    let args = request.arguments.clone().unwrap_or_default();
+    let result = match request.name.as_ref() {
+        "test_simple_text" => text("This is a simple text response for testing."),
+        "test_image_content" => {
+            CallToolResult::success(vec![ContentBlock::image(PNG, "image/png")])
+        }
+        "test_audio_content" => CallToolResult::success(vec![ContentBlock::Audio(
+            AudioContent::new(WAV, "audio/wav"),
+        )]),
+        "test_embedded_resource" => CallToolResult::success(vec![ContentBlock::resource(
+            ResourceContents::text(
+                "This is an embedded resource content.",
+                "test://embedded-resource",
+            )
+            .with_mime_type("text/plain"),
+        )]),
+        "test_multiple_content_types" => CallToolResult::success(vec![
+            ContentBlock::text("Multiple content types test:"),
+            ContentBlock::image(PNG, "image/png"),
+            ContentBlock::resource(
+                ResourceContents::text(
+                    r#"{"test":"data","value":123}"#,
+                    "test://mixed-content-resource",
+                )
+                .with_mime_type("application/json"),
+            ),
+        ]),
+        "test_tool_with_logging" => {
+            for message in [
+                "Tool execution started",
+                "Tool processing data",
+                "Tool execution completed",
+            ] {
+                let _ = cx
+                    .peer
+                    .notify_logging_message(LoggingMessageNotificationParam::new(
+                        LoggingLevel::Info,
+                        json!(message),
+                    ))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            text("Tool with logging executed successfully")
+        }
+        "test_tool_with_progress" => {
+            let token = cx.meta.get_progress_token();
+            for progress in [0.0, 50.0, 100.0] {
+                if let Some(token) = &token {
+                    let _ = cx
+                        .peer
+                        .notify_progress(
+                            ProgressNotificationParam::new(token.clone(), progress)
+                                .with_total(100.0)
+                                .with_message(format!("Completed step {progress} of 100")),
+                        )
+                        .await;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let token = token
+                .and_then(|t| serde_json::to_value(&t).ok())
+                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .unwrap_or_default();
+            text(token)
+        }
+        "test_error_handling" => CallToolResult::error(vec![ContentBlock::text(
+            "This tool intentionally returns an error for testing",
+        )]),
+        "test_sampling" => {
+            let prompt = args
+                .get("prompt")
+                .and_then(Value::as_str)
+                .unwrap_or("Hello");
+            match cx
+                .peer
+                .create_message(CreateMessageRequestParams::new(
+                    vec![SamplingMessage::user_text(prompt)],
+                    100,
+                ))
+                .await
+            {
+                Ok(r) => {
+                    let reply = r
+                        .message
+                        .content
+                        .first()
+                        .and_then(|c| c.as_text())
+                        .map(|t| t.text.clone())
+                        .unwrap_or_default();
+                    text(format!("LLM response: {reply}"))
+                }
+                Err(e) => {
+                    CallToolResult::error(vec![ContentBlock::text(format!("sampling failed: {e}"))])
+                }
+            }
+        }
+        "test_elicitation" => {
+            let message = args
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("Please provide your information");
+            let r = elicit(
+                cx,
+                message,
+                json!({"type": "object",
+                    "properties": {"response": {"type": "string", "description": "User's response"}},
+                    "required": ["response"]}),
+            )
+            .await;
+            elicitation_text("User response", r)
+        }
+        "test_elicitation_sep1034_defaults" => {
+            let r = elicit(
+                cx,
+                "Please review and update the form fields with defaults",
+                json!({"type": "object", "properties": {
+                    "name": {"type": "string", "description": "User name", "default": "John Doe"},
+                    "age": {"type": "integer", "description": "User age", "default": 30},
+                    "score": {"type": "number", "description": "User score", "default": 95.5},
+                    "status": {"type": "string", "description": "User status",
+                        "enum": ["active", "inactive", "pending"], "default": "active"},
+                    "verified": {"type": "boolean", "description": "Verification status", "default": true}
+                }, "required": []}),
+            )
+            .await;
+            elicitation_text("Elicitation completed", r)
+        }
+        "test_elicitation_sep1330_enums" => {
+            let r = elicit(
+                cx,
+                "Please select options from the enum fields",
+                json!({"type": "object", "properties": {
+                    "untitledSingle": {"type": "string", "description": "Untitled single-select",
+                        "enum": ["option1", "option2", "option3"]},
+                    "titledSingle": {"type": "string", "description": "Titled single-select",
+                        "oneOf": [{"const": "value1", "title": "First Option"},
+                                  {"const": "value2", "title": "Second Option"},
+                                  {"const": "value3", "title": "Third Option"}]},
+                    "legacyEnum": {"type": "string", "description": "Legacy titled enum",
+                        "enum": ["opt1", "opt2", "opt3"],
+                        "enumNames": ["Option One", "Option Two", "Option Three"]},
+                    "untitledMulti": {"type": "array", "description": "Untitled multi-select",
+                        "minItems": 1, "maxItems": 3,
+                        "items": {"type": "string", "enum": ["option1", "option2", "option3"]}},
+                    "titledMulti": {"type": "array", "description": "Titled multi-select",
+                        "minItems": 1, "maxItems": 3,
+                        "items": {"anyOf": [{"const": "value1", "title": "First Choice"},
+                                            {"const": "value2", "title": "Second Choice"},
+                                            {"const": "value3", "title": "Third Choice"}]}}
+                }, "required": []}),
+            )
+            .await;
+            elicitation_text("Elicitation completed", r)
+        }
+        "test_reconnection" => {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            text("Reconnection test completed")
+        }
+        "json_schema_2020_12_tool" => text(serde_json::to_string(&args).unwrap_or_default()),
+        "test_missing_capability" => {
+            let has_sampling = cx
+                .peer
+                .peer_info()
+                .is_some_and(|info| info.capabilities.sampling.is_some());
+            if !has_sampling {
+                return Err(ErrorData::new(
+                    ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
+                    "this tool needs the client's sampling capability",
+                    Some(json!({"requiredCapabilities": {"sampling": {}}})),
+                ));
+            }
+            text("Success")
+        }
+        "test_streaming_elicitation" => {
+            if let Some(token) = cx.meta.get_progress_token() {
+                let _ = cx
+                    .peer
+                    .notify_progress(ProgressNotificationParam::new(token, 1.0).with_total(1.0))
+                    .await;
+            }
+            text("Streaming complete")
+        }
+        "test_logging_tool" => text("Logging evaluated"),
+        _ => return Ok(None),
+    };
+    Ok(Some(result.into()))
+}
+
+pub fn resources() -> Vec<Resource> {
+    vec![
+        Resource::new("test://static-text", "static-text")
+            .with_title("Static Text Resource")
+            .with_description("A static text resource for testing")
+            .with_mime_type("text/plain"),
+        Resource::new("test://static-binary", "static-binary")
+            .with_title("Static Binary Resource")
+            .with_description("A static binary resource (image) for testing")
+            .with_mime_type("image/png"),
+        Resource::new("test://watched-resource", "watched-resource")
+            .with_title("Watched Resource")
+            .with_description("A resource that can be subscribed to")
+            .with_mime_type("text/plain"),
+    ]
+}
+
+pub fn resource_templates() -> Vec<ResourceTemplate> {
+    vec![
+        ResourceTemplate::new("test://template/{id}/data", "template")
+            .with_title("Template Resource")
+            .with_description("A resource template with a parameter")
+            .with_mime_type("application/json"),
+    ]
+}
+
+/// Reads a fixture resource; `None` when `uri` names none.
+pub fn read_resource(uri: &str) -> Option<ReadResourceResult> {
+    let contents = match uri {
+        "test://static-text" => {
+            ResourceContents::text("This is the content of the static text resource.", uri)
+                .with_mime_type("text/plain")
+        }
+        "test://static-binary" => ResourceContents::blob(PNG, uri).with_mime_type("image/png"),
+        "test://watched-resource" => {
+            ResourceContents::text("Watched resource content", uri).with_mime_type("text/plain")
+        }
+        _ => {
+            let id = uri
+                .strip_prefix("test://template/")?
+                .strip_suffix("/data")
+                .filter(|id| !id.is_empty() && !id.contains('/'))?;
+            ResourceContents::text(
+                json!({"id": id, "templateTest": true, "data": format!("Data for ID: {id}")})
+                    .to_string(),
+                uri,
+            )
+            .with_mime_type("application/json")
+        }
+    };
+    Some(ReadResourceResult::new(vec![contents]))
+}
+
+pub fn prompts() -> Vec<Prompt> {
+    let arg = |name: &str, description: &str| {
+        PromptArgument::new(name)
+            .with_description(description)
+            .with_required(true)
+    };
+    vec![
+        Prompt::new(
+            "test_simple_prompt",
+            Some("A simple prompt without arguments"),
+            None,
+        ),
+        Prompt::new(
+            "test_prompt_with_arguments",
+            Some("A prompt with required arguments"),
+            Some(vec![
+                arg("arg1", "First test argument"),
+                arg("arg2", "Second test argument"),
+            ]),
+        ),
+        Prompt::new(
+            "test_prompt_with_embedded_resource",
+            Some("A prompt that includes an embedded resource"),
+            Some(vec![arg("resourceUri", "URI of the resource to embed")]),
+        ),
+        Prompt::new(
+            "test_prompt_with_image",
+            Some("A prompt that includes image content"),
+            None,
+        ),
+    ]
+}
+
+/// Renders a fixture prompt; `None` when `request` names none.
+pub fn get_prompt(request: &GetPromptRequestParams) -> Option<GetPromptResult> {
+    let arg = |k: &str| {
+        request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let user = |t: String| PromptMessage::new_text(Role::User, t);
+    let messages = match request.name.as_str() {
+        "test_simple_prompt" => vec![user("This is a simple prompt for testing.".into())],
+        "test_prompt_with_arguments" => vec![user(format!(
+            "Prompt with arguments: arg1='{}', arg2='{}'",
+            arg("arg1"),
+            arg("arg2")
+        ))],
+        "test_prompt_with_embedded_resource" => vec![
+            PromptMessage::new(
+                Role::User,
+                ContentBlock::resource(
+                    ResourceContents::text(
+                        "Embedded resource content for testing.",
+                        arg("resourceUri"),
+                    )
+                    .with_mime_type("text/plain"),
+                ),
+            ),
+            user("Please process the embedded resource above.".into()),
+        ],
+        "test_prompt_with_image" => vec![
+            PromptMessage::new(Role::User, ContentBlock::image(PNG, "image/png")),
+            user("Please analyze the image above.".into()),
+        ],
+        _ => return None,
+    };
+    Some(GetPromptResult::new(messages))
+}
+
+/// `completion/complete`: no suggestions (any array passes; the product has nothing to complete).
+pub fn complete(_request: &CompleteRequestParams) -> CompleteResult {
+    CompleteResult::default()
+}

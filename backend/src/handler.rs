@@ -1,0 +1,625 @@
+//! The MCP server itself: tools, resources and prompts.
+//!
+//! Per-session state (the `counter`, the log level, resource subscriptions) is kept in the
+//! shared session record, never in this struct: a request for a session may land on any
+//! replica, including one that started after the session.
+#![allow(deprecated)] // logging and resources/subscribe are legacy-only, and still served
+
+use std::{borrow::Cow, sync::Arc, time::Duration};
+
+use rmcp::{ErrorData, RoleServer, ServerHandler, model::*, service::RequestContext};
+use serde_json::{Value, json};
+
+use crate::{Node, conformance};
+
+/// Server name in `serverInfo`.
+pub const SERVER_NAME: &str = "mcp-edge-backend";
+/// Version in `serverInfo`, `/health` and `system://info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The handler; one per session worker, all sharing the node.
+#[derive(Clone)]
+pub struct Handler {
+    node: Arc<Node>,
+}
+
+impl Handler {
+    pub fn new(node: Arc<Node>) -> Self {
+        Self { node }
+    }
+}
+
+/// The session a request belongs to, from the HTTP request rmcp attached to it.
+pub fn session_of(extensions: &Extensions) -> Option<String> {
+    extensions
+        .get::<http::request::Parts>()
+        .and_then(|p| p.headers.get("mcp-session-id"))
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+fn object(v: Value) -> Arc<JsonObject> {
+    match v {
+        Value::Object(map) => Arc::new(map),
+        _ => Arc::new(JsonObject::new()),
+    }
+}
+
+fn text_result(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::success(vec![ContentBlock::text(text)])
+}
+
+fn tool_error(text: impl Into<String>) -> CallToolResult {
+    CallToolResult::error(vec![ContentBlock::text(text)])
+}
+
+fn tools() -> Vec<Tool> {
+    let number = json!({"type": "number"});
+    vec![
+        Tool::new(
+            "calculator",
+            "Arithmetic on two numbers: add, subtract, multiply or divide.",
+            object(json!({
+                "type": "object",
+                "properties": {
+                    "operation": {"type": "string", "enum": ["add", "subtract", "multiply", "divide"]},
+                    "a": number, "b": number
+                },
+                "required": ["operation", "a", "b"]
+            })),
+        ),
+        Tool::new(
+            "echo",
+            "Returns its message unchanged.",
+            object(json!({
+                "type": "object",
+                "properties": {"message": {"type": "string"}},
+                "required": ["message"]
+            })),
+        ),
+        Tool::new(
+            "hello",
+            "Greets someone, naming the replica that answered.",
+            object(json!({
+                "type": "object",
+                "properties": {"name": {"type": "string", "default": "world"}}
+            })),
+        ),
+        Tool::new(
+            "counter",
+            "A counter kept with the session: increment it or get it, on any replica.",
+            object(json!({
+                "type": "object",
+                "properties": {
+                    "action": {"type": "string", "enum": ["increment", "get"], "default": "increment"},
+                    "by": {"type": "integer", "default": 1}
+                }
+            })),
+        ),
+        Tool::new(
+            "slow_task",
+            "Works for steps x delay_ms, sending a progress notification per step.",
+            object(json!({
+                "type": "object",
+                "properties": {
+                    "steps": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5},
+                    "delay_ms": {"type": "integer", "minimum": 0, "maximum": 10000, "default": 100}
+                }
+            })),
+        ),
+        Tool::new(
+            "notify",
+            "Sends a log message and a resources/updated notification to the session's standalone stream.",
+            object(json!({
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "uri": {"type": "string", "default": "system://info"}
+                },
+                "required": ["message"]
+            })),
+        ),
+        Tool::new(
+            "confirm",
+            "Asks the user to confirm a question (elicitation) and returns the answer.",
+            object(json!({
+                "type": "object",
+                "properties": {"question": {"type": "string"}},
+                "required": ["question"]
+            })),
+        ),
+    ]
+}
+
+fn arg_f64(args: &JsonObject, key: &str) -> Result<f64, String> {
+    args.get(key)
+        .and_then(Value::as_f64)
+        .ok_or_else(|| format!("argument `{key}` must be a number"))
+}
+
+fn arg_str<'a>(args: &'a JsonObject, key: &str) -> Option<&'a str> {
+    args.get(key).and_then(Value::as_str)
+}
+
+/// The calculator, as a pure function: division by zero is an error value, not a panic.
+pub fn calculate(operation: &str, a: f64, b: f64) -> Result<f64, String> {
+    let r = match operation {
+        "add" => a + b,
+        "subtract" => a - b,
+        "multiply" => a * b,
+        "divide" if b == 0.0 => return Err("division by zero".into()),
+        "divide" => a / b,
+        other => {
+            return Err(format!(
+                "unknown operation `{other}` (expected add, subtract, multiply or divide)"
+            ));
+        }
+    };
+    if r.is_finite() {
+        Ok(r)
+    } else {
+        Err("result is not a finite number".into())
+    }
+}
+
+fn level_rank(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
+    }
+}
+
+impl Handler {
+    fn store_unavailable(e: impl std::fmt::Display) -> ErrorData {
+        ErrorData::internal_error(format!("session store unavailable: {e}"), None)
+    }
+
+    /// Whether a log message at `level` passes the session's `logging/setLevel` threshold.
+    async fn log_enabled(&self, session: Option<&str>, level: LoggingLevel) -> bool {
+        let Some(session) = session else {
+            return true;
+        };
+        let min = match self.node.store.get_field(session, "log_level").await {
+            Ok(Some(v)) => serde_json::from_value::<LoggingLevel>(Value::String(v)).ok(),
+            _ => None,
+        };
+        min.is_none_or(|min| level_rank(level) >= level_rank(min))
+    }
+
+    async fn system_info(&self) -> Value {
+        json!({
+            "nodeId": self.node.config.node_id,
+            "version": VERSION,
+            "uptimeSeconds": self.node.started.elapsed().as_secs(),
+            "sessions": self.node.store.count().await.ok(),
+            "store": if self.node.store.is_redis() { "redis" } else { "memory" },
+        })
+    }
+
+    fn server_config(&self) -> Value {
+        let c = &self.node.config;
+        json!({
+            "nodeId": c.node_id,
+            "sessionTtlSeconds": c.session_ttl.as_secs(),
+            "keyPrefix": c.key_prefix,
+            "store": if c.redis_url.is_some() { "redis" } else { "memory" },
+            "maxBodyBytes": c.max_body_bytes,
+            "sseKeepAliveSeconds": c.sse_keep_alive.as_secs(),
+            "conformance": c.conformance,
+        })
+    }
+
+    async fn call_main_tool(
+        &self,
+        name: &str,
+        args: &JsonObject,
+        cx: &RequestContext<RoleServer>,
+    ) -> Result<Option<CallToolResult>, ErrorData> {
+        let session = session_of(&cx.extensions);
+        let result = match name {
+            "calculator" => {
+                let op = arg_str(args, "operation").unwrap_or_default();
+                match arg_f64(args, "a")
+                    .and_then(|a| arg_f64(args, "b").map(|b| (a, b)))
+                    .and_then(|(a, b)| calculate(op, a, b))
+                {
+                    Ok(r) => text_result(r.to_string()),
+                    Err(e) => tool_error(e),
+                }
+            }
+            "echo" => match arg_str(args, "message") {
+                Some(m) => text_result(m),
+                None => tool_error("argument `message` must be a string"),
+            },
+            "hello" => {
+                let who = arg_str(args, "name").unwrap_or("world");
+                text_result(format!("Hello, {who}! (from {})", self.node.config.node_id))
+            }
+            "counter" => {
+                let Some(session) = session else {
+                    return Ok(Some(tool_error(
+                        "the counter lives with a session; this request has none",
+                    )));
+                };
+                let by = match arg_str(args, "action").unwrap_or("increment") {
+                    "increment" => args.get("by").and_then(Value::as_i64).unwrap_or(1),
+                    "get" => 0,
+                    other => {
+                        return Ok(Some(tool_error(format!(
+                            "unknown action `{other}` (expected increment or get)"
+                        ))));
+                    }
+                };
+                let value = self
+                    .node
+                    .store
+                    .incr_field(&session, "counter", by)
+                    .await
+                    .map_err(Self::store_unavailable)?;
+                let mut r = text_result(value.to_string());
+                r.structured_content =
+                    Some(json!({"value": value, "node": self.node.config.node_id}));
+                r
+            }
+            "slow_task" => {
+                let steps = args
+                    .get("steps")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(5)
+                    .clamp(1, 100);
+                let delay = args
+                    .get("delay_ms")
+                    .and_then(Value::as_u64)
+                    .unwrap_or(100)
+                    .min(10_000);
+                let token = cx.meta.get_progress_token();
+                for step in 1..=steps {
+                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    if let Some(token) = &token {
+                        let _ = cx
+                            .peer
+                            .notify_progress(
+                                ProgressNotificationParam::new(token.clone(), step as f64)
+                                    .with_total(steps as f64)
+                                    .with_message(format!("step {step} of {steps}")),
+                            )
+                            .await;
+                    }
+                }
+                text_result(format!("completed {steps} steps"))
+            }
+            "notify" => {
+                let message = arg_str(args, "message").unwrap_or_default().to_owned();
+                let uri = arg_str(args, "uri").unwrap_or("system://info").to_owned();
+                if self
+                    .log_enabled(session.as_deref(), LoggingLevel::Info)
+                    .await
+                {
+                    let _ = cx
+                        .peer
+                        .notify_logging_message(
+                            LoggingMessageNotificationParam::new(
+                                LoggingLevel::Info,
+                                json!({"message": message, "node": self.node.config.node_id}),
+                            )
+                            .with_logger("notify"),
+                        )
+                        .await;
+                }
+                let _ = cx
+                    .peer
+                    .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
+                    .await;
+                text_result("notified")
+            }
+            "confirm" => {
+                let question = arg_str(args, "question").unwrap_or("Confirm?").to_owned();
+                let schema: ElicitationSchema = serde_json::from_value(json!({
+                    "type": "object",
+                    "properties": {"confirmed": {"type": "boolean", "description": question}},
+                    "required": ["confirmed"]
+                }))
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                match cx
+                    .peer
+                    .create_elicitation(ElicitRequestParams::FormElicitationParams {
+                        meta: None,
+                        message: question,
+                        requested_schema: schema,
+                    })
+                    .await
+                {
+                    Ok(answer) => {
+                        let confirmed = answer
+                            .content
+                            .as_ref()
+                            .and_then(|c| c.get("confirmed"))
+                            .and_then(Value::as_bool)
+                            .unwrap_or(false);
+                        let mut r = text_result(format!(
+                            "action={} confirmed={confirmed}",
+                            serde_json::to_value(&answer.action)
+                                .ok()
+                                .and_then(|v| v.as_str().map(str::to_owned))
+                                .unwrap_or_default()
+                        ));
+                        r.structured_content =
+                            Some(json!({"confirmed": confirmed, "node": self.node.config.node_id}));
+                        r
+                    }
+                    Err(e) => tool_error(format!("elicitation failed: {e}")),
+                }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(result))
+    }
+}
+
+impl ServerHandler for Handler {
+    fn get_info(&self) -> ServerConfig {
+        let capabilities = ServerCapabilities::builder()
+            .enable_logging()
+            .enable_completions()
+            .enable_prompts()
+            .enable_resources()
+            .enable_resources_subscribe()
+            .enable_resources_list_changed()
+            .enable_tools()
+            .build();
+        InitializeResult::new(capabilities)
+            .with_server_info(Implementation::new(SERVER_NAME, VERSION))
+            .with_instructions("Reference MCP backend of mcp-edge: any replica serves any session.")
+    }
+
+    fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
+        Cow::Borrowed(ProtocolVersion::KNOWN_VERSIONS)
+    }
+
+    async fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<ListToolsResult, ErrorData> {
+        let mut tools = tools();
+        if self.node.config.conformance {
+            tools.extend(conformance::tools());
+        }
+        Ok(ListToolsResult::with_all_items(tools))
+    }
+
+    fn get_tool(&self, name: &str) -> Option<Tool> {
+        let mut all = tools();
+        if self.node.config.conformance {
+            all.extend(conformance::tools());
+        }
+        all.into_iter().find(|t| t.name == name)
+    }
+
+    async fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let args = request.arguments.clone().unwrap_or_default();
+        if let Some(result) = self.call_main_tool(&request.name, &args, &cx).await? {
+            return Ok(result.into());
+        }
+        if self.node.config.conformance
+            && let Some(result) = conformance::call_tool(&request, &cx).await?
+        {
+            return Ok(result);
+        }
+        Err(ErrorData::invalid_params(
+            format!("unknown tool: {}", request.name),
+            None,
+        ))
+    }
+
+    async fn list_resources(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<ListResourcesResult, ErrorData> {
+        let mut resources = vec![
+            Resource::new("system://info", "system-info")
+                .with_description(
+                    "Node id, version, uptime and session count of the replica that answers",
+                )
+                .with_mime_type("application/json"),
+            Resource::new("config://server", "server-config")
+                .with_description("The server's effective configuration (no secrets)")
+                .with_mime_type("application/json"),
+        ];
+        if self.node.config.conformance {
+            resources.extend(conformance::resources());
+        }
+        Ok(ListResourcesResult::with_all_items(resources))
+    }
+
+    async fn list_resource_templates(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<ListResourceTemplatesResult, ErrorData> {
+        let templates = if self.node.config.conformance {
+            conformance::resource_templates()
+        } else {
+            Vec::new()
+        };
+        Ok(ListResourceTemplatesResult::with_all_items(templates))
+    }
+
+    async fn read_resource(
+        &self,
+        request: ReadResourceRequestParams,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<ReadResourceResponse, ErrorData> {
+        let json_contents = |uri: &str, v: Value| {
+            ReadResourceResult::new(vec![
+                ResourceContents::text(v.to_string(), uri).with_mime_type("application/json"),
+            ])
+        };
+        let result = match request.uri.as_str() {
+            "system://info" => json_contents("system://info", self.system_info().await),
+            "config://server" => json_contents("config://server", self.server_config()),
+            uri if self.node.config.conformance => match conformance::read_resource(uri) {
+                Some(r) => r,
+                None => return Err(resource_not_found(uri)),
+            },
+            uri => return Err(resource_not_found(uri)),
+        };
+        Ok(result.into())
+    }
+
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if let Some(session) = session_of(&cx.extensions) {
+            self.node
+                .store
+                .set_field(&session, &format!("sub:{}", request.uri), Some("1"))
+                .await
+                .map_err(Self::store_unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if let Some(session) = session_of(&cx.extensions) {
+            self.node
+                .store
+                .set_field(&session, &format!("sub:{}", request.uri), None)
+                .await
+                .map_err(Self::store_unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        if let Some(session) = session_of(&cx.extensions) {
+            let level = serde_json::to_value(request.level)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_else(|| "info".into());
+            self.node
+                .store
+                .set_field(&session, "log_level", Some(&level))
+                .await
+                .map_err(Self::store_unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn list_prompts(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<ListPromptsResult, ErrorData> {
+        let mut prompts = vec![Prompt::new(
+            "summarize-session",
+            Some("Asks the model to summarise what this session has done so far"),
+            Some(vec![
+                PromptArgument::new("style")
+                    .with_description("short or detailed")
+                    .with_required(false),
+            ]),
+        )];
+        if self.node.config.conformance {
+            prompts.extend(conformance::prompts());
+        }
+        Ok(ListPromptsResult::with_all_items(prompts))
+    }
+
+    async fn get_prompt(
+        &self,
+        request: GetPromptRequestParams,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<GetPromptResponse, ErrorData> {
+        if request.name == "summarize-session" {
+            let style = request
+                .arguments
+                .as_ref()
+                .and_then(|a| a.get("style"))
+                .and_then(Value::as_str)
+                .unwrap_or("short");
+            return Ok(GetPromptResult::new(vec![PromptMessage::new_text(
+                Role::User,
+                format!("Summarise this session's tool calls in a {style} paragraph."),
+            )])
+            .with_description("Session summary")
+            .into());
+        }
+        if self.node.config.conformance
+            && let Some(result) = conformance::get_prompt(&request)
+        {
+            return Ok(result.into());
+        }
+        Err(ErrorData::invalid_params(
+            format!("unknown prompt: {}", request.name),
+            None,
+        ))
+    }
+
+    async fn complete(
+        &self,
+        request: CompleteRequestParams,
+        _cx: RequestContext<RoleServer>,
+    ) -> Result<CompleteResult, ErrorData> {
+        Ok(conformance::complete(&request))
+    }
+}
+
+fn resource_not_found(uri: &str) -> ErrorData {
+    ErrorData::resource_not_found(
+        format!("unknown resource: {uri}"),
+        Some(json!({"uri": uri})),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calculator_covers_the_four_operations_and_refuses_division_by_zero() {
+        assert_eq!(calculate("add", 2.0, 3.0), Ok(5.0));
+        assert_eq!(calculate("subtract", 2.0, 3.0), Ok(-1.0));
+        assert_eq!(calculate("multiply", 2.0, 3.0), Ok(6.0));
+        assert_eq!(calculate("divide", 3.0, 2.0), Ok(1.5));
+        assert_eq!(
+            calculate("divide", 1.0, 0.0),
+            Err("division by zero".into())
+        );
+        assert!(
+            calculate("modulo", 1.0, 2.0).is_err(),
+            "unknown operation is an error"
+        );
+        assert!(
+            calculate("multiply", f64::MAX, 2.0).is_err(),
+            "overflow is an error"
+        );
+    }
+
+    #[test]
+    fn level_order_follows_syslog() {
+        assert!(level_rank(LoggingLevel::Debug) < level_rank(LoggingLevel::Info));
+        assert!(level_rank(LoggingLevel::Error) < level_rank(LoggingLevel::Emergency));
+    }
+}

@@ -1,0 +1,80 @@
+//! `mcp-backend`: an MCP server whose sessions live in Redis, so any replica serves any session.
+//!
+//! # Layout
+//! - [`config`]: the YAML file, environment and flags, validated into [`config::Config`].
+//! - [`store`]: session records, per-stream event logs and bus publishing, in Redis or memory.
+//! - [`bus`]: live messages between replicas (standalone-stream events, client replies,
+//!   deletions, forwarded 2024-11-05 POSTs) over one Redis pattern subscription.
+//! - [`sessions`]: rmcp's `SessionStore`, `EventStore` and `SessionManager` on the store, so a
+//!   replica that never saw a session restores it on demand.
+//! - [`handler`]: the MCP tools, resources and prompts; [`conformance`]: the fixtures the
+//!   official conformance suite calls (served with `--conformance`).
+//! - [`http`]: the routes (`/mcp`, `/sse`, `/messages`, `/health`, `/sessions`) and the guard
+//!   in front of rmcp; [`legacy`]: the HTTP+SSE transport of 2024-11-05.
+
+pub mod bus;
+pub mod config;
+pub mod conformance;
+pub mod handler;
+pub mod http;
+pub mod legacy;
+pub mod sessions;
+pub mod store;
+
+use std::{sync::Arc, time::Instant};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{bus::Bus, config::Config, store::Store};
+
+/// What every part of one replica shares.
+pub struct Node {
+    pub config: Config,
+    pub store: Arc<Store>,
+    pub bus: Arc<Bus>,
+    pub started: Instant,
+    /// Cancelled at shutdown: ends sessions, SSE streams and background tasks.
+    pub stop: CancellationToken,
+}
+
+/// Builds the node for `config` (starts the Redis connection and bus in the background).
+pub fn node(config: Config, stop: CancellationToken) -> Result<Arc<Node>, store::StoreError> {
+    let bus = Bus::new();
+    let store = Arc::new(Store::new(&config, bus.clone())?);
+    if let Some(url) = &config.redis_url {
+        let client = redis::Client::open(url.as_str())?;
+        tokio::spawn(
+            bus.clone()
+                .run_redis(client, config.key_prefix.clone(), stop.clone()),
+        );
+    }
+    Ok(Arc::new(Node {
+        config,
+        store,
+        bus,
+        started: Instant::now(),
+        stop,
+    }))
+}
+
+/// Serves one replica on `listener` until `shutdown` completes, then ends open streams.
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let stop = CancellationToken::new();
+    let node = node(config, stop.clone()).map_err(std::io::Error::other)?;
+    let app = http::app(node);
+    let serve_stop = stop.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Open SSE streams would hold graceful shutdown forever: end them first.
+            serve_stop.cancel();
+        })
+        .await?;
+    stop.cancel();
+    Ok(())
+}
