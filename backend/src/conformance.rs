@@ -6,6 +6,8 @@
 use std::{sync::Arc, time::Duration};
 
 use rmcp::{ErrorData, RoleServer, model::*, service::RequestContext};
+
+use crate::Node;
 use serde_json::{Value, json};
 
 /// A 1x1 red PNG.
@@ -113,7 +115,268 @@ pub fn tools() -> Vec<Tool> {
             "test_logging_tool",
             "Logs only when the request opts in with a log level",
         ),
+        simple(
+            "test_trigger_tool_change",
+            "Announces a tools/list change to listen streams",
+        ),
+        simple(
+            "test_trigger_prompt_change",
+            "Announces a prompts/list change to listen streams",
+        ),
+        simple(
+            "test_input_required_result_elicitation",
+            "Needs the user's name (MRTR elicitation)",
+        ),
+        simple(
+            "test_input_required_result_sampling",
+            "Needs a model completion (MRTR sampling)",
+        ),
+        simple(
+            "test_input_required_result_list_roots",
+            "Needs the client's roots (MRTR roots)",
+        ),
+        simple(
+            "test_input_required_result_request_state",
+            "Round-trips signed request state",
+        ),
+        simple(
+            "test_input_required_result_multiple_inputs",
+            "Needs three inputs in one round",
+        ),
+        simple(
+            "test_input_required_result_multi_round",
+            "Needs two rounds of input",
+        ),
+        simple(
+            "test_input_required_result_tampered_state",
+            "Refuses request state it did not sign",
+        ),
+        simple(
+            "test_input_required_result_capabilities",
+            "Asks only for inputs the client supports",
+        ),
     ]
+}
+
+/// Bus topic that carries list changes to every replica's `subscriptions/listen` streams.
+pub const CHANGED_TOPIC: &str = "changed";
+
+fn input_request(method: &str, params: Value) -> Option<InputRequest> {
+    serde_json::from_value(json!({"method": method, "params": params}))
+        .inspect_err(|e| tracing::warn!(error = %e, method, "bad input request fixture"))
+        .ok()
+}
+
+fn elicit_field(message: &str, field: &str) -> Option<InputRequest> {
+    input_request(
+        "elicitation/create",
+        json!({"message": message, "requestedSchema": {"type": "object",
+            "properties": {field: {"type": "string"}}, "required": [field]}}),
+    )
+}
+
+fn sample(question: &str) -> Option<InputRequest> {
+    input_request(
+        "sampling/createMessage",
+        json!({"messages": [{"role": "user", "content": {"type": "text", "text": question}}],
+            "maxTokens": 100}),
+    )
+}
+
+fn roots() -> Option<InputRequest> {
+    input_request("roots/list", json!({}))
+}
+
+fn input_required(
+    requests: Vec<(&str, Option<InputRequest>)>,
+    state: Option<String>,
+) -> InputRequiredResult {
+    let requests: InputRequests = requests
+        .into_iter()
+        .filter_map(|(k, r)| Some((k.to_owned(), r?)))
+        .collect();
+    InputRequiredResult::new(Some(requests), state)
+}
+
+/// Request state as `<payload>.<checksum>`. A fixture, not a security boundary: the checksum
+/// only makes edits detectable, identically on every replica.
+fn sign_state(payload: &str) -> String {
+    format!("{payload}.{:016x}", checksum(payload))
+}
+
+fn checksum(payload: &str) -> u64 {
+    // FNV-1a: stable across processes and replicas, unlike std's randomly keyed hasher.
+    payload.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn verify_state(state: &str) -> Option<&str> {
+    let (payload, sum) = state.rsplit_once('.')?;
+    (format!("{:016x}", checksum(payload)) == sum).then_some(payload)
+}
+
+/// The string field `field` of an accepted elicitation answer under `key`.
+fn accepted<'a>(responses: &'a InputResponses, key: &str, field: &str) -> Option<&'a str> {
+    let r = responses.get(key)?;
+    if r.get("action")?.as_str()? != "accept" {
+        return None;
+    }
+    r.get("content")?.get(field)?.as_str()
+}
+
+fn sampled_text<'a>(responses: &'a InputResponses, key: &str) -> Option<&'a str> {
+    responses.get(key)?.get("content")?.get("text")?.as_str()
+}
+
+fn bad_state() -> ErrorData {
+    ErrorData::invalid_params("request state is invalid or was modified", None)
+}
+
+/// The multi-round-trip (MRTR) fixtures of protocol 2026-07-28; `None` for other tools.
+fn call_mrtr_tool(
+    request: &CallToolRequestParams,
+    cx: &RequestContext<RoleServer>,
+) -> Option<Result<CallToolResponse, ErrorData>> {
+    let empty = InputResponses::new();
+    let responses = request.input_responses.as_ref().unwrap_or(&empty);
+    let state = request.request_state.as_deref().map(verify_state);
+    let done = |t: String| Some(Ok(text(t).into()));
+    let ask = |r: InputRequiredResult| Some(Ok(r.into()));
+    let ask_name = || {
+        input_required(
+            vec![("user_name", elicit_field("What is your name?", "name"))],
+            None,
+        )
+    };
+    match request.name.as_ref() {
+        "test_input_required_result_elicitation" => {
+            match accepted(responses, "user_name", "name") {
+                Some(name) => done(format!("Hello, {name}!")),
+                None => ask(ask_name()),
+            }
+        }
+        "test_input_required_result_sampling" => match sampled_text(responses, "capital") {
+            Some(t) => done(format!("The model said: {t}")),
+            None => ask(input_required(
+                vec![("capital", sample("What is the capital of France?"))],
+                None,
+            )),
+        },
+        "test_input_required_result_list_roots" => match responses.get("roots") {
+            Some(r) if r.get("roots").is_some_and(Value::is_array) => {
+                done(format!("Roots: {}", r["roots"]))
+            }
+            _ => ask(input_required(vec![("roots", roots())], None)),
+        },
+        "test_input_required_result_request_state"
+        | "test_input_required_result_tampered_state" => {
+            let confirm = || {
+                input_request(
+                    "elicitation/create",
+                    json!({"message": "Confirm?",
+                    "requestedSchema": {"type": "object",
+                        "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}}),
+                )
+            };
+            match state {
+                None => ask(input_required(
+                    vec![("confirm", confirm())],
+                    Some(sign_state("round-1")),
+                )),
+                Some(Some("round-1")) if responses.contains_key("confirm") => {
+                    done("State verified and input received".into())
+                }
+                Some(Some("round-1")) => ask(input_required(
+                    vec![("confirm", confirm())],
+                    Some(sign_state("round-1")),
+                )),
+                Some(_) => Some(Err(bad_state())),
+            }
+        }
+        "test_input_required_result_multiple_inputs" => match state {
+            Some(Some("multi"))
+                if accepted(responses, "user_name", "name").is_some()
+                    && sampled_text(responses, "greeting").is_some()
+                    && responses.contains_key("roots") =>
+            {
+                done("All inputs received".into())
+            }
+            None | Some(Some("multi")) => ask(input_required(
+                vec![
+                    ("user_name", elicit_field("What is your name?", "name")),
+                    ("greeting", sample("Say hello")),
+                    ("roots", roots()),
+                ],
+                Some(sign_state("multi")),
+            )),
+            Some(_) => Some(Err(bad_state())),
+        },
+        "test_input_required_result_multi_round" => match state {
+            None => ask(input_required(
+                vec![("name", elicit_field("What is your name?", "name"))],
+                Some(sign_state("round-1")),
+            )),
+            Some(Some("round-1")) if accepted(responses, "name", "name").is_some() => {
+                ask(input_required(
+                    vec![("color", elicit_field("Favourite colour?", "color"))],
+                    Some(sign_state("round-2")),
+                ))
+            }
+            Some(Some("round-1")) => ask(input_required(
+                vec![("name", elicit_field("What is your name?", "name"))],
+                Some(sign_state("round-1")),
+            )),
+            Some(Some("round-2")) => match accepted(responses, "color", "color") {
+                Some(color) => done(format!("Favourite colour: {color}")),
+                None => ask(input_required(
+                    vec![("color", elicit_field("Favourite colour?", "color"))],
+                    Some(sign_state("round-2")),
+                )),
+            },
+            Some(_) => Some(Err(bad_state())),
+        },
+        "test_input_required_result_capabilities" => {
+            let caps = cx.meta.client_capabilities().unwrap_or_default();
+            let mut wanted = Vec::new();
+            if caps.elicitation.is_some() {
+                wanted.push(("user_name", elicit_field("What is your name?", "name")));
+            }
+            if caps.sampling.is_some() {
+                wanted.push(("greeting", sample("Say hello")));
+            }
+            if caps.roots.is_some() {
+                wanted.push(("roots", roots()));
+            }
+            if wanted.is_empty() || !responses.is_empty() {
+                done("Capabilities respected".into())
+            } else {
+                ask(input_required(wanted, None))
+            }
+        }
+        _ => None,
+    }
+}
+
+/// `prompts/get test_input_required_result_prompt` (MRTR on a non-tool request).
+pub fn get_mrtr_prompt(request: &GetPromptRequestParams) -> Option<GetPromptResponse> {
+    if request.name != "test_input_required_result_prompt" {
+        return None;
+    }
+    let empty = InputResponses::new();
+    let responses = request.input_responses.as_ref().unwrap_or(&empty);
+    Some(match accepted(responses, "context", "context") {
+        Some(context) => GetPromptResult::new(vec![PromptMessage::new_text(
+            Role::User,
+            format!("Use this context: {context}"),
+        )])
+        .into(),
+        None => input_required(
+            vec![("context", elicit_field("Which context?", "context"))],
+            None,
+        )
+        .into(),
+    })
 }
 
 async fn elicit(
@@ -151,9 +414,13 @@ fn elicitation_text(prefix: &str, r: Result<ElicitResult, String>) -> CallToolRe
 
 /// Runs a fixture tool; `Ok(None)` when `request` names none.
 pub async fn call_tool(
+    node: &Node,
     request: &CallToolRequestParams,
     cx: &RequestContext<RoleServer>,
 ) -> Result<Option<CallToolResponse>, ErrorData> {
+    if let Some(r) = call_mrtr_tool(request, cx) {
+        return r.map(Some);
+    }
     let args = request.arguments.clone().unwrap_or_default();
     let result = match request.name.as_ref() {
         "test_simple_text" => text("This is a simple text response for testing."),
@@ -315,9 +582,10 @@ pub async fn call_tool(
         "json_schema_2020_12_tool" => text(serde_json::to_string(&args).unwrap_or_default()),
         "test_missing_capability" => {
             let has_sampling = cx
-                .peer
-                .peer_info()
-                .is_some_and(|info| info.capabilities.sampling.is_some());
+                .meta
+                .client_capabilities()
+                .or_else(|| cx.peer.peer_info().map(|i| i.capabilities.clone()))
+                .is_some_and(|c| c.sampling.is_some());
             if !has_sampling {
                 return Err(ErrorData::new(
                     ErrorCode::MISSING_REQUIRED_CLIENT_CAPABILITY,
@@ -336,7 +604,31 @@ pub async fn call_tool(
             }
             text("Streaming complete")
         }
-        "test_logging_tool" => text("Logging evaluated"),
+        "test_logging_tool" => {
+            // 2026-07-28: log only when the request opted in with a level.
+            if let Some(level) = cx.meta.log_level() {
+                let _ = cx
+                    .peer
+                    .notify_logging_message(LoggingMessageNotificationParam::new(
+                        level,
+                        json!("logging tool ran"),
+                    ))
+                    .await;
+            }
+            text("Logging evaluated")
+        }
+        "test_trigger_tool_change" | "test_trigger_prompt_change" => {
+            let what = if request.name == "test_trigger_tool_change" {
+                "tools"
+            } else {
+                "prompts"
+            };
+            node.store
+                .publish(CHANGED_TOPIC, what)
+                .await
+                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+            text("Mutation triggered")
+        }
         _ => return Ok(None),
     };
     Ok(Some(result.into()))

@@ -7,7 +7,11 @@
 
 use std::{borrow::Cow, sync::Arc, time::Duration};
 
-use rmcp::{ErrorData, RoleServer, ServerHandler, model::*, service::RequestContext};
+use rmcp::{
+    ErrorData, RoleServer, ServerHandler,
+    model::*,
+    service::{RequestContext, SubscriptionContext},
+};
 use serde_json::{Value, json};
 
 use crate::{Node, conformance};
@@ -314,7 +318,13 @@ impl Handler {
                 }
                 let _ = cx
                     .peer
-                    .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri))
+                    .notify_resource_updated(ResourceUpdatedNotificationParam::new(uri.clone()))
+                    .await;
+                // 2026-07-28 clients learn of updates on their subscriptions/listen streams.
+                let _ = self
+                    .node
+                    .store
+                    .publish(conformance::CHANGED_TOPIC, &format!("updated {uri}"))
                     .await;
                 text_result("notified")
             }
@@ -364,7 +374,7 @@ impl Handler {
 
 impl ServerHandler for Handler {
     fn get_info(&self) -> ServerConfig {
-        let capabilities = ServerCapabilities::builder()
+        let mut capabilities = ServerCapabilities::builder()
             .enable_logging()
             .enable_completions()
             .enable_prompts()
@@ -373,6 +383,15 @@ impl ServerHandler for Handler {
             .enable_resources_list_changed()
             .enable_tools()
             .build();
+        if self.node.config.conformance {
+            // Only the conformance fixtures change these lists (their trigger tools).
+            if let Some(tools) = capabilities.tools.as_mut() {
+                tools.list_changed = Some(true);
+            }
+            if let Some(prompts) = capabilities.prompts.as_mut() {
+                prompts.list_changed = Some(true);
+            }
+        }
         InitializeResult::new(capabilities)
             .with_server_info(Implementation::new(SERVER_NAME, VERSION))
             .with_instructions("Reference MCP backend of mcp-edge: any replica serves any session.")
@@ -380,6 +399,44 @@ impl ServerHandler for Handler {
 
     fn supported_protocol_versions(&self) -> Cow<'static, [ProtocolVersion]> {
         Cow::Borrowed(ProtocolVersion::KNOWN_VERSIONS)
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        // rmcp narrows this to what `get_info` advertises.
+        Some(requested.clone())
+    }
+
+    /// One `subscriptions/listen` stream (2026-07-28): forwards list changes and resource
+    /// updates announced on the bus by any replica, until the client cancels.
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), ErrorData> {
+        let mut changes = self.node.bus.subscribe(conformance::CHANGED_TOPIC);
+        loop {
+            let change = tokio::select! {
+                c = changes.recv() => c,
+                () = context.cancelled() => return Ok(()),
+            };
+            let change = match change {
+                Ok(c) => c,
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(_) => return Ok(()),
+            };
+            let sink = context.sink();
+            let sent = match &*change {
+                "tools" => sink.notify_tool_list_changed().await,
+                "prompts" => sink.notify_prompt_list_changed().await,
+                "resources" => sink.notify_resource_list_changed().await,
+                other => match other.strip_prefix("updated ") {
+                    Some(uri) => sink.notify_resource_updated(uri).await,
+                    None => continue,
+                },
+            };
+            if let Err(e) = sent {
+                tracing::trace!(error = %e, "change not sent on this listen stream");
+            }
+        }
     }
 
     async fn list_tools(
@@ -412,7 +469,7 @@ impl ServerHandler for Handler {
             return Ok(result.into());
         }
         if self.node.config.conformance
-            && let Some(result) = conformance::call_tool(&request, &cx).await?
+            && let Some(result) = conformance::call_tool(&self.node, &request, &cx).await?
         {
             return Ok(result);
         }
@@ -566,10 +623,13 @@ impl ServerHandler for Handler {
             .with_description("Session summary")
             .into());
         }
-        if self.node.config.conformance
-            && let Some(result) = conformance::get_prompt(&request)
-        {
-            return Ok(result.into());
+        if self.node.config.conformance {
+            if let Some(result) = conformance::get_prompt(&request) {
+                return Ok(result.into());
+            }
+            if let Some(response) = conformance::get_mrtr_prompt(&request) {
+                return Ok(response);
+            }
         }
         Err(ErrorData::invalid_params(
             format!("unknown prompt: {}", request.name),
