@@ -301,7 +301,7 @@ mod tests {
 
     #[test]
     fn empty_file_gives_documented_defaults() {
-        let c = FileConfig::parse("").and_then(|f| Ok(f.validate()));
+        let c = FileConfig::parse("").map(FileConfig::validate);
         let Ok(Ok(c)) = c else {
             panic!("empty config must be valid");
         };
@@ -362,5 +362,46 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(e.contains("PORT") && e.contains("http"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod conf_files {
+    use super::*;
+
+    /// Every backend file shipped in `conf/` parses and validates.
+    #[test]
+    fn shipped_config_files_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let path = entry.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if !name.starts_with("backend") || !name.ends_with(".yaml") {
+                continue;
+            }
+            let config = FileConfig::load(&path).and_then(FileConfig::validate);
+            assert!(config.is_ok(), "{}: {:?}", path.display(), config.err());
+            checked += 1;
+        }
+        assert!(checked >= 1, "no backend*.yaml found in {}", dir.display());
+    }
+
+    #[test]
+    fn documented_defaults_match_the_shipped_file() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf/backend.yaml");
+        let Ok(Ok(shipped)) = FileConfig::load(&path).map(FileConfig::validate) else {
+            panic!("conf/backend.yaml must be valid");
+        };
+        let default = Config::default();
+        assert_eq!(shipped.listen, default.listen);
+        assert_eq!(shipped.session_ttl, default.session_ttl);
+        assert_eq!(shipped.key_prefix, default.key_prefix);
+        assert_eq!(shipped.allowed_hosts, default.allowed_hosts);
+        assert_eq!(shipped.max_body_bytes, default.max_body_bytes);
+        assert_eq!(shipped.event_log_max_len, default.event_log_max_len);
     }
 }

@@ -12,7 +12,7 @@
 //!   replies to server-initiated requests are published on `reply:<id>` and delivered where the
 //!   request waits.
 //!
-//! See `README.md` beside this file for the whole picture.
+//! See `sessions.md` beside this file for the whole picture.
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
 

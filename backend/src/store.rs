@@ -438,7 +438,7 @@ impl Store {
                 id,
             })
             .collect();
-        out.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        out.sort_by_key(|s| std::cmp::Reverse(s.last_seen));
         out.truncate(limit);
         Ok(out)
     }

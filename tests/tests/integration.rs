@@ -1,4 +1,5 @@
 //! The one integration-test binary: real Redis, real `mcp-backend` processes, real clients.
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
 use std::time::Duration;
 
