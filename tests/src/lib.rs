@@ -63,7 +63,7 @@ pub fn binary(name: &str) -> PathBuf {
     let path = target_dir().join(name);
     assert!(
         path.exists(),
-        "{} is not built: run the tests with `cargo test --workspace`",
+        "{} is not built: run scripts/test, or `cargo build --workspace --bins` before `cargo test`",
         path.display()
     );
     path
