@@ -5,7 +5,11 @@
 //! replica, including one that started after the session.
 #![allow(deprecated)] // logging and resources/subscribe are legacy-only, and still served
 
-use std::{borrow::Cow, sync::Arc, time::Duration};
+use std::{
+    borrow::Cow,
+    sync::{Arc, LazyLock},
+    time::Duration,
+};
 
 use rmcp::{
     ErrorData, RoleServer, ServerHandler,
@@ -179,7 +183,22 @@ fn level_rank(level: LoggingLevel) -> u8 {
     }
 }
 
+/// The product's tools, built once: rmcp looks a tool up on every header-checked `tools/call`.
+static TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(tools);
+/// The conformance fixtures' tools, built once.
+static FIXTURE_TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(conformance::tools);
+
 impl Handler {
+    /// The tools this server lists, in a stable order (fixtures only with `--conformance`).
+    fn served_tools(&self) -> impl Iterator<Item = &'static Tool> {
+        let fixtures: &'static [Tool] = if self.node.config.conformance {
+            &FIXTURE_TOOLS
+        } else {
+            &[]
+        };
+        TOOLS.iter().chain(fixtures)
+    }
+
     fn store_unavailable(e: impl std::fmt::Display) -> ErrorData {
         ErrorData::internal_error(format!("session store unavailable: {e}"), None)
     }
@@ -444,19 +463,13 @@ impl ServerHandler for Handler {
         _request: Option<PaginatedRequestParams>,
         _cx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        let mut tools = tools();
-        if self.node.config.conformance {
-            tools.extend(conformance::tools());
-        }
-        Ok(ListToolsResult::with_all_items(tools))
+        Ok(ListToolsResult::with_all_items(
+            self.served_tools().cloned().collect(),
+        ))
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
-        let mut all = tools();
-        if self.node.config.conformance {
-            all.extend(conformance::tools());
-        }
-        all.into_iter().find(|t| t.name == name)
+        self.served_tools().find(|t| t.name == name).cloned()
     }
 
     async fn call_tool(

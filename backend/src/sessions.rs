@@ -103,6 +103,20 @@ fn parse_event_id(id: &str) -> (String, Option<String>) {
     }
 }
 
+/// The logged events of `stream` of `session` after `after`, decoded for an SSE response.
+async fn replay(
+    store: &Store,
+    session: &str,
+    stream: &str,
+    after: Option<&str>,
+) -> Result<Vec<ServerSseMessage>, StoreError> {
+    let events = store.events_after(session, stream, after).await?;
+    Ok(events
+        .iter()
+        .filter_map(|(xid, payload)| decode_event(stream, xid, payload))
+        .collect())
+}
+
 /// rmcp's event store for one session.
 pub struct SessionEvents {
     store: Arc<Store>,
@@ -135,15 +149,8 @@ impl EventStore for SessionEvents {
         last_event_id: &str,
     ) -> Result<EventStream, EventStoreError> {
         let (stream, after) = parse_event_id(last_event_id);
-        let events = self
-            .store
-            .events_after(&self.session, &stream, after.as_deref())
-            .await?;
-        let decoded: Vec<_> = events
-            .iter()
-            .filter_map(|(xid, p)| decode_event(&stream, xid, p))
-            .collect();
-        Ok(Box::pin(futures::stream::iter(decoded)))
+        let events = replay(&self.store, &self.session, &stream, after.as_deref()).await?;
+        Ok(Box::pin(futures::stream::iter(events)))
     }
 }
 
@@ -449,16 +456,8 @@ impl SessionManager for ReplicaSessions {
             return Ok(self.standalone_stream(id, stop, Some(after)).left_stream());
         }
         // A request stream: replay what its worker logged; it ends with the response.
-        let events = self
-            .node
-            .store
-            .events_after(id, &stream, after.as_deref())
-            .await?;
-        let decoded: Vec<_> = events
-            .iter()
-            .filter_map(|(xid, p)| decode_event(&stream, xid, p))
-            .collect();
-        Ok(futures::stream::iter(decoded).right_stream())
+        let events = replay(&self.node.store, id, &stream, after.as_deref()).await?;
+        Ok(futures::stream::iter(events).right_stream())
     }
 
     async fn restore_session(

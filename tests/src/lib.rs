@@ -106,6 +106,13 @@ async fn wait_tcp(port: u16, timeout: Duration) -> Result<()> {
     }
 }
 
+/// SIGKILLs a child process, if it runs, and reaps it.
+async fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill().await;
+    }
+}
+
 /// A real `redis-server` on a free port, with its own directory (AOF optional).
 pub struct Redis {
     pub port: u16,
@@ -155,9 +162,7 @@ impl Redis {
 
     /// Kills the server (SIGKILL) and leaves it down.
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
+        kill(&mut self.child).await;
     }
 
     /// Starts it again on the same port and directory (the AOF file is replayed).
@@ -265,9 +270,7 @@ impl Backend {
 
     /// SIGKILL: the process dies with everything in its memory.
     pub async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill().await;
-        }
+        kill(&mut self.child).await;
     }
 
     /// Starts the process again on the same port (a fresh replica with empty memory).

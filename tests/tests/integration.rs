@@ -24,6 +24,15 @@ async fn cluster(n: usize, aof: bool) -> (Redis, Vec<Backend>) {
     (redis, backends)
 }
 
+/// A client with a session initialized on `url` (`notifications/initialized` sent).
+async fn session_on(url: &str, capabilities: Value) -> McpClient {
+    let mut c = McpClient::new();
+    c.initialize(url, capabilities)
+        .await
+        .unwrap_or_else(|e| panic!("initialize on {url}: {e:#}"));
+    c
+}
+
 fn text(result: &Value) -> String {
     result["content"][0]["text"]
         .as_str()
@@ -47,10 +56,7 @@ async fn counter(c: &McpClient, b: &Backend, id: i64) -> i64 {
 #[tokio::test]
 async fn a_session_started_on_one_replica_is_served_by_every_other() {
     let (redis, b) = cluster(3, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize on a");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     let echo = c
         .tool(&b[1].mcp(), 1, "echo", json!({"message": "hi from b"}))
         .await
@@ -107,10 +113,7 @@ async fn a_session_started_on_one_replica_is_served_by_every_other() {
 #[tokio::test]
 async fn delete_on_one_replica_is_404_on_every_replica() {
     let (_redis, b) = cluster(3, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     c.call(&b[2].mcp(), 1, "ping", json!({}))
         .await
         .expect("ping on c")
@@ -142,10 +145,7 @@ async fn delete_on_one_replica_is_404_on_every_replica() {
 #[tokio::test]
 async fn last_event_id_on_another_replica_replays_that_stream_only() {
     let (_redis, b) = cluster(2, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     let reply = c
         .post(
             &b[0].mcp(),
@@ -184,11 +184,7 @@ async fn last_event_id_on_another_replica_replays_that_stream_only() {
         "the replay ends with the tool result"
     );
     // Another session presenting this session's event id gets nothing of it.
-    let mut other = McpClient::new();
-    other
-        .initialize(&b[1].mcp(), json!({}))
-        .await
-        .expect("second session");
+    let other = session_on(&b[1].mcp(), json!({})).await;
     let (_, mut rx) = other
         .open_stream(&b[0].mcp(), Some(&ids[1]))
         .await
@@ -203,10 +199,7 @@ async fn last_event_id_on_another_replica_replays_that_stream_only() {
 #[tokio::test]
 async fn a_notification_raised_on_one_replica_reaches_the_stream_held_on_another() {
     let (_redis, b) = cluster(2, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     let (status, mut stream) = c.open_stream(&b[0].mcp(), None).await.expect("GET on a");
     assert_eq!(status, 200, "standalone stream opens on a");
     // Let the subscription settle: the first request may race the GET's setup.
@@ -235,10 +228,7 @@ async fn a_notification_raised_on_one_replica_reaches_the_stream_held_on_another
 #[tokio::test]
 async fn an_elicitation_issued_on_one_replica_is_answered_through_another() {
     let (_redis, b) = cluster(2, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({"elicitation": {}}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({"elicitation": {}})).await;
     let (_, mut call) = c
         .post_stream(
             &b[0].mcp(),
@@ -272,10 +262,7 @@ async fn an_elicitation_issued_on_one_replica_is_answered_through_another() {
 #[tokio::test]
 async fn sessions_survive_a_killed_replica_and_a_fresh_one() {
     let (_redis, mut b) = cluster(3, false).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     assert_eq!(counter(&c, &b[0], 1).await, 1);
     b[0].kill().await;
     assert_eq!(
@@ -302,10 +289,7 @@ async fn sessions_survive_a_killed_replica_and_a_fresh_one() {
 #[tokio::test]
 async fn redis_restart_gives_503_never_404_and_sessions_continue() {
     let (mut redis, b) = cluster(2, true).await;
-    let mut c = McpClient::new();
-    c.initialize(&b[0].mcp(), json!({}))
-        .await
-        .expect("initialize");
+    let c = session_on(&b[0].mcp(), json!({})).await;
     assert_eq!(counter(&c, &b[0], 1).await, 1);
     redis.kill().await;
     for (i, r) in b.iter().enumerate() {
@@ -351,8 +335,7 @@ async fn sessions_expire_after_the_ttl_and_slide_while_used() {
     )
     .await
     .expect("backend");
-    let mut c = McpClient::new();
-    c.initialize(&b.mcp(), json!({})).await.expect("initialize");
+    let c = session_on(&b.mcp(), json!({})).await;
     for i in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let r = c.call(&b.mcp(), i, "ping", json!({})).await.expect("ping");
@@ -446,8 +429,7 @@ async fn bad_input_gets_the_right_status_and_a_json_rpc_error() {
 #[tokio::test]
 async fn one_node_works_without_redis() {
     let b = Backend::start("solo", None, &[]).await.expect("backend");
-    let mut c = McpClient::new();
-    c.initialize(&b.mcp(), json!({})).await.expect("initialize");
+    let c = session_on(&b.mcp(), json!({})).await;
     assert_eq!(counter(&c, &b, 1).await, 1);
     assert_eq!(counter(&c, &b, 2).await, 2);
     let health: Value = reqwest::get(format!("{}/health", b.base()))
