@@ -1,5 +1,5 @@
-//! Integration harness: real `redis-server`, real `mcp-backend` processes, a naive
-//! round-robin relay (what nginx does), and a small MCP client over reqwest.
+//! Integration harness: real `redis-server`, real `mcp-backend` and `mcp-proxy` processes, a
+//! naive round-robin relay (what nginx does), and a small MCP client over reqwest.
 //!
 //! Every component binds a free loopback port, is ready when its readiness probe answers
 //! (never after a bare sleep), and is killed on `Drop`.
@@ -268,6 +268,11 @@ impl Backend {
         format!("{}/mcp", self.base())
     }
 
+    /// `127.0.0.1:port`: the proxy's name for this backend.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     /// SIGKILL: the process dies with everything in its memory.
     pub async fn kill(&mut self) {
         kill(&mut self.child).await;
@@ -277,6 +282,134 @@ impl Backend {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await;
         self.spawn().await
+    }
+}
+
+/// A real `mcp-proxy` process with a generated config file, on free ports.
+pub struct Proxy {
+    pub port: u16,
+    pub admin_port: u16,
+    pub dir: TempDir,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl Proxy {
+    /// A proxy over `backends` (host:port) in one pool `mcp`, with test-friendly health checks
+    /// (every 200 ms; up after 1 success, down after 2 failures) and `X-MCP-Backend` on.
+    /// `pool_extra` is YAML added to the pool (indented by 4 spaces), e.g. `routing: {...}`.
+    pub async fn start(backends: &[String], pool_extra: &str) -> Result<Self> {
+        let dir = TempDir::new("proxy");
+        let (port, admin_port) = (free_port(), free_port());
+        let mut p = Self {
+            port,
+            admin_port,
+            dir,
+            child: None,
+            http: reqwest::Client::new(),
+        };
+        p.write_config(backends, pool_extra)?;
+        p.spawn().await?;
+        Ok(p)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.0.join("proxy.yaml")
+    }
+
+    /// Writes the config file (a later SIGHUP or `POST /admin/reload` applies it).
+    pub fn write_config(&self, backends: &[String], pool_extra: &str) -> Result<()> {
+        let list: Vec<String> = backends
+            .iter()
+            .map(|b| format!("      - {{address: \"{b}\"}}"))
+            .collect();
+        let extra: String = pool_extra.lines().map(|l| format!("    {l}\n")).collect();
+        let yaml = format!(
+            "server:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  backend_header: true\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/proxy.pid\nlisteners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin}\npools:\n  - name: mcp\n    backends:\n{list}\n    health_check: {{interval_ms: 200, timeout_ms: 150, healthy_threshold: 1, unhealthy_threshold: 2}}\n{extra}",
+            dir = self.dir.0.display(),
+            port = self.port,
+            admin = self.admin_port,
+            list = list.join("\n"),
+        );
+        std::fs::write(self.config_path(), yaml).context("write proxy.yaml")
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let mut cmd = Command::new(binary("mcp-proxy"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .arg("-c")
+            .arg(self.config_path())
+            .stdout(if std::env::var_os("TEST_PROXY_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn().context("cannot start mcp-proxy")?);
+        wait_tcp(self.port, Duration::from_secs(20)).await?;
+        wait_tcp(self.admin_port, Duration::from_secs(20)).await
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn mcp(&self) -> String {
+        format!("{}/mcp", self.base())
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.admin_port)
+    }
+
+    /// GET on the admin listener, as JSON.
+    pub async fn admin(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .http
+            .get(self.admin_url(path))
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// POST on the admin listener; status and JSON.
+    pub async fn admin_post(&self, path: &str) -> Result<(u16, Value)> {
+        let r = self.http.post(self.admin_url(path)).send().await?;
+        Ok((r.status().as_u16(), r.json().await?))
+    }
+
+    /// The admin view of backend `name` (its address unless named).
+    pub async fn backend(&self, name: &str) -> Result<Value> {
+        let all = self.admin("/admin/backends").await?;
+        all["pools"][0]["backends"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|b| b["name"] == name).cloned())
+            .ok_or_else(|| anyhow!("no backend {name} in {all}"))
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
+    /// Sends a signal (`HUP`, `TERM`, ...) with kill(1).
+    pub async fn signal(&self, name: &str) -> Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("proxy not running"))?;
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .status()
+            .await?;
+        if !status.success() {
+            bail!("kill -{name} {pid} failed");
+        }
+        Ok(())
     }
 }
 
@@ -603,7 +736,11 @@ fn stream_events(response: reqwest::Response) -> (u16, mpsc::UnboundedReceiver<S
     tokio::spawn(async move {
         let mut body = response.bytes_stream();
         let mut buf = String::new();
-        while let Some(Ok(chunk)) = body.next().await {
+        // Dropping the receiver drops the response, which closes the connection: the client left.
+        while let Some(Ok(chunk)) = tokio::select! {
+            next = body.next() => next,
+            () = tx.closed() => None,
+        } {
             buf.push_str(&String::from_utf8_lossy(&chunk));
             for ev in parse_sse(&mut buf) {
                 if tx.send(ev).is_err() {

@@ -1,10 +1,14 @@
 //! The one integration-test binary: real Redis, real `mcp-backend` processes, real clients.
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a failed expectation is the test failing
 
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::{Backend, McpClient, Redis, Relay, assert_eventually, next_matching, tools_path};
+use tests::{
+    Backend, McpClient, Proxy, Redis, Relay, assert_eventually, next_matching, tools_path,
+};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -536,4 +540,794 @@ async fn python_sdk_completes_sessions_against_two_replicas_taking_turns() {
             );
         }
     }
+}
+
+// ------------------------------------------------------------------ through the real proxy
+
+fn addrs(b: &[Backend]) -> Vec<String> {
+    b.iter().map(Backend::address).collect()
+}
+
+/// Which backend answered (the proxy's `X-MCP-Backend`, on in test configs).
+fn served_by(reply: &tests::Reply) -> String {
+    reply
+        .headers
+        .get("x-mcp-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}
+
+async fn wait_health(proxy: &Proxy, backend: &Backend, healthy: bool) -> Duration {
+    let start = Instant::now();
+    assert_eventually!(
+        Duration::from_secs(10),
+        format!("backend {} healthy={healthy} in the proxy", backend.node_id),
+        proxy
+            .backend(&backend.address())
+            .await
+            .is_ok_and(|b| b["healthy"] == healthy)
+    );
+    start.elapsed()
+}
+
+#[tokio::test]
+async fn through_the_proxy_a_session_spreads_over_three_replicas_and_survives_a_restart() {
+    let (redis, mut b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    let url = proxy.mcp();
+    let c = session_on(&url, json!({})).await;
+
+    // (1) ten tool calls, round-robined over all three replicas, all succeed.
+    let mut nodes = HashSet::new();
+    for i in 1..=10 {
+        let r = c
+            .tool(&url, i, "counter", json!({"action": "increment"}))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} through the proxy: {e:#}"));
+        assert_eq!(r["structuredContent"]["value"], i, "the counter goes on");
+        nodes.insert(
+            r["structuredContent"]["node"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
+    }
+    assert_eq!(
+        nodes.len(),
+        3,
+        "ten calls reached all three replicas: {nodes:?}"
+    );
+
+    // (2) a replica restarted mid-session; the session goes on, on it too.
+    b[1].restart().await.expect("restart b");
+    wait_health(&proxy, &b[1], true).await;
+    let mut after = HashSet::new();
+    for i in 11..=16 {
+        let r = c
+            .tool(&url, i, "counter", json!({"action": "increment"}))
+            .await
+            .unwrap_or_else(|e| panic!("call {i} after the restart: {e:#}"));
+        assert_eq!(
+            r["structuredContent"]["value"], i,
+            "the counter survives the restart"
+        );
+        after.insert(
+            r["structuredContent"]["node"]
+                .as_str()
+                .unwrap_or("?")
+                .to_owned(),
+        );
+    }
+    assert!(
+        after.contains("b"),
+        "the restarted replica serves the session: {after:?}"
+    );
+
+    // (3) 30 requests spread over all three backends, each 20%-47%.
+    let mut share: HashMap<String, usize> = HashMap::new();
+    for i in 0..30 {
+        let r = c
+            .call(&url, 100 + i, "tools/list", json!({}))
+            .await
+            .expect("tools/list");
+        assert_eq!(r.status, 200);
+        *share.entry(served_by(&r)).or_default() += 1;
+    }
+    for x in &b {
+        let n = share.get(&x.address()).copied().unwrap_or(0);
+        assert!(
+            (6..=14).contains(&n),
+            "backend {} got {n}/30: {share:?}",
+            x.node_id
+        );
+    }
+
+    // (4) the session record is in Redis with its TTL.
+    let sid = c.session.clone().expect("session id");
+    let key = format!("mcp:session:{sid}");
+    assert_eq!(redis.cli(&["EXISTS", &key]).await.expect("redis"), "1");
+    let ttl: i64 = redis
+        .cli(&["TTL", &key])
+        .await
+        .expect("redis")
+        .parse()
+        .unwrap_or(-9);
+    assert!(ttl > 0, "the session record has a TTL, got {ttl}");
+}
+
+#[tokio::test]
+async fn sse_passes_through_the_proxy_event_by_event_and_outlives_read_timeouts() {
+    let (_redis, b) = cluster(3, false).await;
+    // A read timeout far below the idle gaps below: streams must use sse_idle_ms instead.
+    let proxy = Proxy::start(&addrs(&b), "timeouts: {read_ms: 300, sse_idle_ms: 20000}")
+        .await
+        .expect("proxy");
+    let url = proxy.mcp();
+    let c = session_on(&url, json!({})).await;
+
+    // A POST answered as an SSE stream: one progress event every 250 ms.
+    let call = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+        "name": "slow_task", "arguments": {"steps": 5, "delay_ms": 250},
+        "_meta": {"progressToken": "p7"}}});
+    let start = Instant::now();
+    let (status, mut rx) = c.post_stream(&url, &call).await.expect("slow_task");
+    assert_eq!(status, 200);
+    let mut progress = Vec::new();
+    let mut done = None;
+    while let Ok(Some(ev)) = tokio::time::timeout(WAIT, rx.recv()).await {
+        let Some(m) = ev.json() else { continue };
+        if m["method"] == "notifications/progress" {
+            progress.push(start.elapsed());
+        } else if m["id"] == 7 {
+            done = Some(start.elapsed());
+            break;
+        }
+    }
+    let done = done.expect("the result arrives");
+    assert_eq!(progress.len(), 5, "five progress events");
+    for w in progress.windows(2) {
+        assert!(
+            w[1] - w[0] >= Duration::from_millis(150),
+            "events arrived together, so something buffered: {progress:?}"
+        );
+    }
+    assert!(
+        done - progress[0] >= Duration::from_millis(800),
+        "the first event came long before the end: {progress:?} end {done:?}"
+    );
+
+    // The standalone GET stream: idle for 5x the read timeout, then a notification arrives.
+    let (status, mut stream) = c.open_stream(&url, None).await.expect("GET stream");
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let sent = Instant::now();
+    c.tool(&url, 8, "notify", json!({"message": "after idle"}))
+        .await
+        .expect("notify");
+    let got = next_matching(&mut stream, WAIT, |m| {
+        m["method"] == "notifications/resources/updated"
+    })
+    .await;
+    assert!(
+        got.is_some(),
+        "the idle stream was not cut by the 300 ms read timeout"
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(2),
+        "delivered promptly"
+    );
+
+    // The client leaves: the proxy ends the upstream request.
+    assert_eventually!(
+        WAIT,
+        "the proxy holds the stream open",
+        proxy.admin("/admin/backends").await.is_ok_and(|v| {
+            v["pools"][0]["backends"]
+                .as_array()
+                .is_some_and(|bs| bs.iter().any(|b| b["active"] == 1))
+        })
+    );
+    drop(stream); // closes the connection
+    assert_eventually!(
+        WAIT,
+        "no request left open on any backend after the client left",
+        proxy.admin("/admin/backends").await.is_ok_and(|v| {
+            v["pools"][0]["backends"]
+                .as_array()
+                .is_some_and(|bs| bs.iter().all(|b| b["active"] == 0))
+        })
+    );
+}
+
+#[tokio::test]
+async fn ip_hash_keeps_a_client_address_on_one_backend_and_spreads_addresses() {
+    let (_redis, b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    let url = proxy.mcp();
+    let c = session_on(&url, json!({})).await;
+    let sid = c.session.clone().expect("session");
+    let mut seen = HashSet::new();
+    for last in 2..32u8 {
+        let ip = std::net::IpAddr::from([127, 0, 0, last]);
+        let http = reqwest::Client::builder()
+            .local_address(ip)
+            .build()
+            .expect("client");
+        let mut first = None;
+        for _ in 0..3 {
+            let r = http
+                .get(&url)
+                .header("accept", "text/event-stream")
+                .header("mcp-session-id", &sid)
+                .header("mcp-protocol-version", "2025-11-25")
+                .send()
+                .await
+                .expect("GET stream");
+            assert_eq!(r.status(), 200, "stream from {ip}");
+            let backend = r
+                .headers()
+                .get("x-mcp-backend")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_owned();
+            drop(r);
+            match &first {
+                None => first = Some(backend),
+                Some(f) => assert_eq!(f, &backend, "client {ip} moved between backends"),
+            }
+        }
+        seen.insert(first.unwrap_or_default());
+    }
+    assert_eq!(
+        seen.len(),
+        3,
+        "30 client addresses spread over all 3 backends: {seen:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_killed_backend_costs_no_request_that_had_not_reached_it() {
+    let (_redis, mut b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    let url = proxy.mcp();
+    let c = session_on(&url, json!({})).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..4i64 {
+        let (c, url, stop) = (c.clone(), url.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            // (method, ok, detail)
+            let mut log: Vec<(&'static str, bool, String)> = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let id = w * 100_000 + i;
+                let (method, reply) = if i % 2 == 0 {
+                    (
+                        "tools/list",
+                        c.call(&url, id, "tools/list", json!({})).await,
+                    )
+                } else {
+                    (
+                        "tools/call",
+                        c.call(
+                            &url,
+                            id,
+                            "tools/call",
+                            json!({"name": "echo", "arguments": {"message": "x"}}),
+                        )
+                        .await,
+                    )
+                };
+                match reply {
+                    Ok(r) if r.status == 200 && r.result(id).is_ok() => {
+                        log.push((method, true, served_by(&r)))
+                    }
+                    Ok(r) => log.push((method, false, format!("{} {}", r.status, r.body))),
+                    Err(e) => log.push((method, false, format!("{e:#}"))),
+                }
+            }
+            log
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    b[2].kill().await;
+    let down_after = wait_health(&proxy, &b[2], false).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut log = Vec::new();
+    for w in workers {
+        log.extend(w.await.expect("worker"));
+    }
+    let failed: Vec<_> = log.iter().filter(|(_, ok, _)| !ok).collect();
+    eprintln!(
+        "kill under load: {} requests, {} failed, marked down after {down_after:?}",
+        log.len(),
+        failed.len()
+    );
+    assert!(log.len() > 40, "requests flowed: {}", log.len());
+    // A safe method is repeated elsewhere even if it reached the dying backend; a tools/call
+    // may fail only if it was in flight on it (at most one per worker).
+    assert!(
+        failed.iter().all(|(m, _, _)| *m == "tools/call") && failed.len() <= 4,
+        "only tools/call in flight on the killed backend may fail: {failed:?}"
+    );
+    // Marked down within two check intervals (200 ms each) of the kill.
+    assert!(
+        down_after <= Duration::from_millis(400),
+        "marked down after {down_after:?}"
+    );
+
+    // Without traffic a dead backend is found by the checks alone: unhealthy_threshold (2) checks.
+    b[1].kill().await;
+    let idle_down = wait_health(&proxy, &b[1], false).await;
+    eprintln!("idle backend marked down after {idle_down:?}");
+    assert!(
+        idle_down <= Duration::from_millis(500),
+        "idle kill found after {idle_down:?}"
+    );
+
+    // Both come back after a restart and take traffic again.
+    b[1].restart().await.expect("restart b");
+    b[2].restart().await.expect("restart c");
+    wait_health(&proxy, &b[1], true).await;
+    wait_health(&proxy, &b[2], true).await;
+    let mut nodes = HashSet::new();
+    for i in 0..9 {
+        let r = c
+            .call(&url, 900 + i, "tools/list", json!({}))
+            .await
+            .expect("after restart");
+        nodes.insert(served_by(&r));
+    }
+    assert_eq!(nodes.len(), 3, "all three backends serve again: {nodes:?}");
+}
+
+#[tokio::test]
+async fn the_proxy_rejects_bad_input_with_json_rpc_errors_and_answers_503_when_all_are_down() {
+    let (_redis, mut b) = cluster(2, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    let url = proxy.mcp();
+    let http = reqwest::Client::new();
+    let post = |body: String| {
+        http.post(&url)
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(body)
+    };
+    let ping = json!({"jsonrpc": "2.0", "id": 41, "method": "ping"}).to_string();
+
+    for (header, value) in [
+        ("mcp-session-id", "has space"),
+        ("mcp-session-id", &"x".repeat(300)),
+        ("mcp-protocol-version", "latest"),
+    ] {
+        let r = post(ping.clone())
+            .header(header, value)
+            .send()
+            .await
+            .expect("send");
+        assert_eq!(r.status(), 400, "{header}: {value:.20}");
+        let v: Value = r.json().await.expect("json body");
+        assert_eq!(v["error"]["code"], -32600, "{v}");
+        assert_eq!(v["id"], 41, "the error echoes the request id: {v}");
+    }
+
+    let r = post("x".repeat(5 * 1024 * 1024))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413, "a body over limits.max_body_bytes");
+
+    // Content-Length and Transfer-Encoding together: request smuggling, refused.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("tcp");
+    let raw = format!(
+        "POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        ping.len(),
+        ping
+    );
+    tokio::io::AsyncWriteExt::write_all(&mut s, raw.as_bytes())
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut s, &mut buf))
+        .await
+        .expect("an answer")
+        .expect("read");
+    let head = String::from_utf8_lossy(&buf[..n]);
+    assert!(head.starts_with("HTTP/1.1 400"), "CL+TE answered: {head}");
+
+    // The proxy's own health and metrics.
+    let health: Value = http
+        .get(format!("{}/health", proxy.base()))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(health["status"], "ok", "{health}");
+    let c = session_on(&url, json!({})).await;
+    c.tool(&url, 1, "echo", json!({"message": "m"}))
+        .await
+        .expect("echo");
+    let metrics = http
+        .get(proxy.admin_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for needle in [
+        "mcp_proxy_requests_total{",
+        "method=\"tools/call\"",
+        "mcp_proxy_request_duration_seconds_bucket",
+        "mcp_proxy_sessions_seen_total{pool=\"mcp\"} 1",
+        "mcp_proxy_backend_up{",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle}:\n{metrics}"
+        );
+    }
+
+    // Every backend down: 503, Retry-After, a JSON-RPC error; never a hang.
+    for x in &mut b {
+        x.kill().await;
+    }
+    let r = post(ping.clone()).send().await.expect("send");
+    assert_eq!(r.status(), 503, "no backend can serve");
+    assert!(
+        r.headers().get("retry-after").is_some(),
+        "Retry-After is set"
+    );
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["error"]["code"], -32000, "{v}");
+    let health = http
+        .get(format!("{}/health", proxy.base()))
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(health.status(), 503, "the proxy reports itself degraded");
+}
+
+#[tokio::test]
+async fn persistence_pins_sessions_of_unshared_backends_and_404s_when_their_backend_dies() {
+    // In-memory backends: a session lives on exactly one of them.
+    let mut b = Vec::new();
+    for name in ["a", "b", "c"] {
+        b.push(Backend::start(name, None, &[]).await.expect("backend"));
+    }
+    let proxy = Proxy::start(
+        &addrs(&b),
+        "routing: {post: persistence, stream: persistence, legacy: persistence}",
+    )
+    .await
+    .expect("proxy");
+    let url = proxy.mcp();
+    let mut c = session_on(&url, json!({})).await;
+    let mut home = None;
+    for i in 1..=9 {
+        let r = c
+            .tool(&url, i, "counter", json!({"action": "increment"}))
+            .await
+            .unwrap_or_else(|e| panic!("pinned call {i}: {e:#}"));
+        assert_eq!(r["structuredContent"]["value"], i);
+        let node = r["structuredContent"]["node"]
+            .as_str()
+            .unwrap_or("?")
+            .to_owned();
+        assert_eq!(
+            *home.get_or_insert(node.clone()),
+            node,
+            "the session stays on its backend"
+        );
+    }
+    let home = home.expect("home");
+    let sid = c.session.clone().expect("sid");
+    let idx = b
+        .iter()
+        .position(|x| x.node_id == home)
+        .expect("home backend");
+    let lookup = proxy
+        .admin(&format!("/admin/sessions/{sid}"))
+        .await
+        .expect("lookup");
+    assert_eq!(lookup["pools"][0]["backend"], b[idx].address(), "{lookup}");
+    assert_eq!(lookup["pools"][0]["policy"], "persistence", "{lookup}");
+
+    b[idx].kill().await;
+    let r = c.call(&url, 20, "ping", json!({})).await.expect("ping");
+    assert_eq!(
+        r.status, 404,
+        "a session whose backend is gone gets 404: {}",
+        r.body
+    );
+    let v: Value = serde_json::from_str(&r.body).expect("json body");
+    assert_eq!(v["error"]["code"], -32001, "{v}");
+    c.initialize(&url, json!({})).await.expect("re-initialize");
+    let r = c
+        .tool(&url, 21, "counter", json!({"action": "increment"}))
+        .await
+        .expect("the new session works");
+    assert_ne!(r["structuredContent"]["node"], home.as_str());
+}
+
+#[tokio::test]
+async fn session_hash_header_and_cookie_policies_reload_and_drain() {
+    let (_redis, b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b[..2]), "").await.expect("proxy");
+    let url = proxy.mcp();
+    let c = session_on(&url, json!({})).await;
+    let (status, mut stream) = c.open_stream(&url, None).await.expect("GET stream");
+    assert_eq!(status, 200);
+
+    // Reload with SIGHUP: a third backend and session-hash routing. The open stream stays.
+    proxy
+        .write_config(&addrs(&b), "routing: {post: session-hash}")
+        .expect("write config");
+    proxy.signal("HUP").await.expect("SIGHUP");
+    assert_eventually!(
+        WAIT,
+        "the reload added the third backend",
+        proxy.backend(&b[2].address()).await.is_ok()
+    );
+    let mut by_session = HashSet::new();
+    for i in 0..8 {
+        let r = c
+            .call(&url, 30 + i, "tools/list", json!({}))
+            .await
+            .expect("call");
+        by_session.insert(served_by(&r));
+    }
+    assert_eq!(
+        by_session.len(),
+        1,
+        "session-hash keeps one session on one backend"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.tool(&url, 40, "notify", json!({"message": "after reload"}))
+        .await
+        .expect("notify");
+    assert!(
+        next_matching(&mut stream, WAIT, |m| m["method"]
+            == "notifications/resources/updated")
+        .await
+        .is_some(),
+        "the SSE stream opened before the reload still delivers"
+    );
+
+    // Header affinity and sticky cookies, through the admin reload endpoint.
+    proxy
+        .write_config(
+            &addrs(&b),
+            "routing: {post: header, header_name: x-tenant}\n",
+        )
+        .expect("write config");
+    assert_eq!(
+        proxy.admin_post("/admin/reload").await.expect("reload").0,
+        200
+    );
+    let http = reqwest::Client::new();
+    let mut tenants = HashMap::new();
+    for t in 0..12 {
+        for _ in 0..2 {
+            let r = http
+                .post(proxy.base() + "/mcp")
+                .header("x-tenant", format!("tenant-{t}"))
+                .header("content-type", "application/json")
+                .header("accept", "application/json, text/event-stream")
+                .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+                .send()
+                .await
+                .expect("post");
+            let backend = r.headers()["x-mcp-backend"]
+                .to_str()
+                .unwrap_or("-")
+                .to_owned();
+            let prev = tenants.insert(t, backend.clone());
+            assert!(prev.is_none_or(|p| p == backend), "tenant-{t} moved");
+        }
+    }
+    let spread: HashSet<_> = tenants.values().collect();
+    assert!(spread.len() >= 2, "12 tenants spread: {tenants:?}");
+
+    proxy
+        .write_config(&addrs(&b), "routing: {post: cookie, cookie_name: lb}\n")
+        .expect("write config");
+    assert_eq!(
+        proxy.admin_post("/admin/reload").await.expect("reload").0,
+        200
+    );
+    let r = http
+        .post(proxy.base() + "/mcp")
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .send()
+        .await
+        .expect("post");
+    let set = r.headers()["set-cookie"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    let backend = r.headers()["x-mcp-backend"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(set.starts_with(&format!("lb={backend};")), "{set}");
+    for _ in 0..5 {
+        let r = http
+            .post(proxy.base() + "/mcp")
+            .header("cookie", format!("other=1; lb={backend}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+            .send()
+            .await
+            .expect("post");
+        assert_eq!(
+            r.headers()["x-mcp-backend"],
+            backend.as_str(),
+            "the cookie pins"
+        );
+    }
+
+    // A bad file is refused by reload and the running config stays.
+    std::fs::write(proxy.config_path(), "listeners: []\npools: []\n").expect("write");
+    let (status, v) = proxy.admin_post("/admin/reload").await.expect("reload");
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("pools"),
+        "{v}"
+    );
+    proxy.write_config(&addrs(&b), "").expect("write config");
+    assert_eq!(
+        proxy.admin_post("/admin/reload").await.expect("reload").0,
+        200
+    );
+
+    // Drain: no new requests reach the backend; its open stream keeps delivering.
+    let stream_backend = {
+        let r = c
+            .call(&url, 50, "tools/list", json!({}))
+            .await
+            .expect("call");
+        assert_eq!(r.status, 200);
+        // The GET stream went by ip-hash from 127.0.0.1: ask which backend holds it.
+        let all = proxy.admin("/admin/backends").await.expect("backends");
+        all["pools"][0]["backends"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|b| b["active"] == 1))
+            .map(|b| b["name"].as_str().unwrap_or_default().to_owned())
+            .expect("one backend holds the open stream")
+    };
+    let (status, v) = proxy
+        .admin_post(&format!("/admin/backends/{stream_backend}/drain"))
+        .await
+        .expect("drain");
+    assert_eq!(status, 200, "{v}");
+    for i in 0..9 {
+        let r = c
+            .call(&url, 60 + i, "tools/list", json!({}))
+            .await
+            .expect("call");
+        assert_ne!(
+            served_by(&r),
+            stream_backend,
+            "a draining backend gets no new requests"
+        );
+    }
+    c.tool(&url, 70, "notify", json!({"message": "while draining"}))
+        .await
+        .expect("notify");
+    assert!(
+        next_matching(&mut stream, WAIT, |m| m["method"]
+            == "notifications/resources/updated")
+        .await
+        .is_some(),
+        "the stream on the draining backend finishes its life"
+    );
+    assert_eq!(
+        proxy
+            .admin_post(&format!("/admin/backends/{stream_backend}/undrain"))
+            .await
+            .expect("undrain")
+            .0,
+        200
+    );
+    assert_eq!(
+        proxy
+            .admin_post("/admin/backends/nope/drain")
+            .await
+            .expect("drain")
+            .0,
+        404
+    );
+}
+
+#[tokio::test]
+async fn every_config_file_parses_and_bad_keys_are_named() {
+    let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
+    let run = |args: Vec<String>| {
+        let out = std::process::Command::new(tests::binary("mcp-proxy"))
+            .args(args)
+            .output()
+            .expect("run mcp-proxy");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let mut proxy_files = 0;
+    for entry in std::fs::read_dir(&conf).expect("conf/") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if name.starts_with("proxy") && name.ends_with(".yaml") {
+            let (code, out) = run(vec![
+                "--test".into(),
+                "-c".into(),
+                path.display().to_string(),
+            ]);
+            assert_eq!(code, Some(0), "{name}: {out}");
+            proxy_files += 1;
+        } else if name.starts_with("backend") && name.ends_with(".yaml") {
+            let text = std::fs::read_to_string(&path).expect("read");
+            backend::config::FileConfig::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
+    assert!(proxy_files >= 1, "conf/proxy.yaml exists");
+
+    let dir = tests::TempDir::new("conf");
+    for (yaml, key, value) in [
+        (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2, wieght: 2}]}]\n",
+            "pools[0].backends[0]",
+            "wieght",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], timeouts: {connect_ms: 0}}]\n",
+            "pools[0].timeouts.connect_ms",
+            "\"0\"",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], routing: {stream: sticky}}]\n",
+            "pools[0].routing.stream",
+            "sticky",
+        ),
+    ] {
+        let path = dir.0.join("bad.yaml");
+        std::fs::write(&path, yaml).expect("write");
+        let (code, out) = run(vec![
+            "--test".into(),
+            "-c".into(),
+            path.display().to_string(),
+        ]);
+        assert_eq!(code, Some(2), "a bad file fails --test: {out}");
+        assert!(
+            out.contains(key) && out.contains(value),
+            "the error names {key} and {value}: {out}"
+        );
+    }
+    let (code, out) = run(vec![
+        "--listen".into(),
+        "127.0.0.1:1".into(),
+        "--backend".into(),
+        "nohost".into(),
+        "--test".into(),
+    ]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("--backend[0].address") && out.contains("nohost"),
+        "{out}"
+    );
 }

@@ -1,0 +1,1049 @@
+//! Configuration in two stages: [`FileConfig`] is what the YAML file says (unknown keys are
+//! errors), [`FileConfig::validate`] turns it into a [`Config`] that cannot hold invalid state
+//! (parsed addresses, durations, non-empty pools, unique names). Every error names the key and
+//! the offending value. `conf/proxy.yaml` documents each key with its default.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Defaults, named so that `conf/proxy.yaml`, the docs and the code agree.
+pub mod defaults {
+    pub const ADMIN_ADDRESS: &str = "127.0.0.1:9090";
+    pub const GRACE_PERIOD_SECONDS: u64 = 30;
+    pub const GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS: u64 = 5;
+    pub const UPGRADE_SOCK: &str = "/tmp/mcp-proxy-upgrade.sock";
+    pub const PID_FILE: &str = "/tmp/mcp-proxy.pid";
+    pub const MCP_PATH: &str = "/mcp";
+    pub const HEADER_NAME: &str = "x-mcp-affinity";
+    pub const COOKIE_NAME: &str = "mcp_backend";
+    pub const PERSISTENCE_TTL_SECONDS: u64 = 3600;
+    pub const HEALTH_PATH: &str = "/health";
+    pub const HEALTH_HOST: &str = "localhost";
+    pub const HEALTH_INTERVAL_MS: u64 = 2000;
+    pub const HEALTH_TIMEOUT_MS: u64 = 1000;
+    pub const HEALTHY_THRESHOLD: u32 = 2;
+    pub const UNHEALTHY_THRESHOLD: u32 = 2;
+    pub const MAX_RETRIES: usize = 2;
+    /// Methods that change nothing on the server, so repeating one that reached a backend is
+    /// harmless. `tools/call` is deliberately absent.
+    pub const SAFE_METHODS: &[&str] = &[
+        "ping",
+        "tools/list",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+    ];
+    pub const CONNECT_MS: u64 = 1000;
+    pub const READ_MS: u64 = 120_000;
+    pub const WRITE_MS: u64 = 30_000;
+    pub const SSE_IDLE_MS: u64 = 600_000;
+    pub const UPSTREAM_KEEPALIVE_MS: u64 = 60_000;
+    pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
+    pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+    pub const MAX_SESSION_ID_BYTES: usize = 256;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{key}: {message} (got {value:?})")]
+    Invalid {
+        key: String,
+        value: String,
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, value: impl ToString, message: &str) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        value: value.to_string(),
+        message: message.to_owned(),
+    }
+}
+
+/// How a request picks its backend. *Affinity* policies hash something about the request;
+/// *persistence* remembers which backend answered `initialize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// The next healthy backend in weighted turn.
+    RoundRobin,
+    /// Affinity: rendezvous hash of the client address (after trusted `X-Forwarded-For`).
+    IpHash,
+    /// Affinity: rendezvous hash of `Mcp-Session-Id`; requests without one go round-robin.
+    SessionHash,
+    /// Affinity: rendezvous hash of the header named by `routing.header_name`.
+    Header,
+    /// Persistence by cookie: the proxy sets `routing.cookie_name` to the backend's name and
+    /// routes by it while that backend is healthy.
+    Cookie,
+    /// Persistence: session -> backend learned from the `initialize` response. A session whose
+    /// backend is gone gets 404 so that the client re-initializes.
+    Persistence,
+}
+
+impl Policy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::IpHash => "ip-hash",
+            Policy::SessionHash => "session-hash",
+            Policy::Header => "header",
+            Policy::Cookie => "cookie",
+            Policy::Persistence => "persistence",
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the file
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub server: ServerFile,
+    pub listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    pub admin: Option<AdminFile>,
+    #[serde(default)]
+    pub client_address: ClientAddressFile,
+    #[serde(default)]
+    pub limits: LimitsFile,
+    pub pools: Vec<PoolFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerFile {
+    pub threads: Option<usize>,
+    pub work_stealing: bool,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub access_log: bool,
+    pub backend_header: bool,
+}
+
+impl Default for ServerFile {
+    fn default() -> Self {
+        Self {
+            threads: None,
+            work_stealing: true,
+            grace_period_seconds: defaults::GRACE_PERIOD_SECONDS,
+            graceful_shutdown_timeout_seconds: defaults::GRACEFUL_SHUTDOWN_TIMEOUT_SECONDS,
+            upgrade_sock: defaults::UPGRADE_SOCK.into(),
+            pid_file: defaults::PID_FILE.into(),
+            access_log: true,
+            backend_header: false,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub address: String,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    #[serde(default = "admin_address")]
+    pub address: String,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+fn admin_address() -> String {
+    defaults::ADMIN_ADDRESS.into()
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientAddressFile {
+    pub trusted_proxies: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_session_id_bytes: usize,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: defaults::MAX_BODY_BYTES,
+            max_header_bytes: defaults::MAX_HEADER_BYTES,
+            max_session_id_bytes: defaults::MAX_SESSION_ID_BYTES,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolFile {
+    pub name: String,
+    pub backends: Vec<BackendFile>,
+    #[serde(default = "mcp_path")]
+    pub mcp_path: String,
+    #[serde(default)]
+    pub routing: RoutingFile,
+    #[serde(default)]
+    pub health_check: HealthFile,
+    #[serde(default)]
+    pub failover: FailoverFile,
+    #[serde(default)]
+    pub timeouts: TimeoutsFile,
+}
+
+fn mcp_path() -> String {
+    defaults::MCP_PATH.into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub address: String,
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default = "one")]
+    pub weight: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingFile {
+    pub post: Policy,
+    pub stream: Policy,
+    pub legacy: Policy,
+    pub header_name: String,
+    pub cookie_name: String,
+    pub persistence_ttl_seconds: u64,
+}
+
+impl Default for RoutingFile {
+    fn default() -> Self {
+        Self {
+            post: Policy::RoundRobin,
+            stream: Policy::IpHash,
+            legacy: Policy::IpHash,
+            header_name: defaults::HEADER_NAME.into(),
+            cookie_name: defaults::COOKIE_NAME.into(),
+            persistence_ttl_seconds: defaults::PERSISTENCE_TTL_SECONDS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthFile {
+    pub path: String,
+    pub host: String,
+    pub interval_ms: u64,
+    pub timeout_ms: u64,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+impl Default for HealthFile {
+    fn default() -> Self {
+        Self {
+            path: defaults::HEALTH_PATH.into(),
+            host: defaults::HEALTH_HOST.into(),
+            interval_ms: defaults::HEALTH_INTERVAL_MS,
+            timeout_ms: defaults::HEALTH_TIMEOUT_MS,
+            healthy_threshold: defaults::HEALTHY_THRESHOLD,
+            unhealthy_threshold: defaults::UNHEALTHY_THRESHOLD,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverFile {
+    pub max_retries: usize,
+    pub safe_methods: Vec<String>,
+}
+
+impl Default for FailoverFile {
+    fn default() -> Self {
+        Self {
+            max_retries: defaults::MAX_RETRIES,
+            safe_methods: defaults::SAFE_METHODS.iter().map(|s| (*s).into()).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimeoutsFile {
+    pub connect_ms: u64,
+    pub read_ms: u64,
+    pub write_ms: u64,
+    pub sse_idle_ms: u64,
+    pub upstream_keepalive_ms: u64,
+}
+
+impl Default for TimeoutsFile {
+    fn default() -> Self {
+        Self {
+            connect_ms: defaults::CONNECT_MS,
+            read_ms: defaults::READ_MS,
+            write_ms: defaults::WRITE_MS,
+            sse_idle_ms: defaults::SSE_IDLE_MS,
+            upstream_keepalive_ms: defaults::UPSTREAM_KEEPALIVE_MS,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the validated config
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerSettings,
+    pub listeners: Vec<Listener>,
+    pub admin: Option<Admin>,
+    pub trusted_proxies: Vec<Cidr>,
+    pub limits: Limits,
+    pub pools: Vec<PoolConfig>,
+    /// The file this came from, for reloads; `None` in `--listen/--backend` mode.
+    pub source: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub work_stealing: bool,
+    pub grace_period_seconds: u64,
+    pub graceful_shutdown_timeout_seconds: u64,
+    pub upgrade_sock: String,
+    pub pid_file: String,
+    pub access_log: bool,
+    pub backend_header: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub address: SocketAddr,
+    pub pool: String,
+    pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admin {
+    pub address: SocketAddr,
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_session_id_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    pub name: String,
+    pub backends: Vec<BackendConfig>,
+    pub mcp_path: String,
+    pub routing: Routing,
+    pub health: HealthConfig,
+    pub failover: Failover,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendConfig {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Routing {
+    pub post: Policy,
+    pub stream: Policy,
+    pub legacy: Policy,
+    pub header_name: http::HeaderName,
+    pub cookie_name: String,
+    pub persistence_ttl: Duration,
+}
+
+impl Routing {
+    pub fn uses(&self, p: Policy) -> bool {
+        self.post == p || self.stream == p || self.legacy == p
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HealthConfig {
+    pub path: String,
+    pub host: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub healthy_threshold: u32,
+    pub unhealthy_threshold: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Failover {
+    pub max_retries: usize,
+    pub safe_methods: HashSet<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub read: Duration,
+    pub write: Duration,
+    pub sse_idle: Duration,
+    pub upstream_keepalive: Duration,
+}
+
+/// An address block for `client_address.trusted_proxies`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    net: IpAddr,
+    bits: u8,
+}
+
+impl Cidr {
+    pub fn parse(s: &str) -> Option<Self> {
+        let (ip, bits) = match s.split_once('/') {
+            Some((ip, bits)) => (ip.parse::<IpAddr>().ok()?, Some(bits.parse::<u8>().ok()?)),
+            None => (s.parse::<IpAddr>().ok()?, None),
+        };
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        let bits = bits.unwrap_or(max);
+        (bits <= max).then_some(Self { net: ip, bits })
+    }
+
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.net, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.bits)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.bits))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut config = Self::parse(&text, &path.display().to_string())?;
+        config.source = Some(path.to_owned());
+        Ok(config)
+    }
+
+    /// Parses YAML text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let file: FileConfig = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_owned(),
+            message: e.to_string(),
+        })?;
+        file.validate()
+    }
+
+    /// The simplest case: one pool of `backends` behind `listen`, default policies.
+    pub fn from_cli(
+        listen: &[String],
+        backends: &[String],
+        admin: Option<&str>,
+    ) -> Result<Self, ConfigError> {
+        let file = FileConfig {
+            server: ServerFile::default(),
+            listeners: listen
+                .iter()
+                .map(|a| ListenerFile {
+                    address: a.clone(),
+                    pool: None,
+                    tls: None,
+                })
+                .collect(),
+            admin: admin.map(|a| AdminFile {
+                address: a.to_owned(),
+                token: None,
+            }),
+            client_address: ClientAddressFile::default(),
+            limits: LimitsFile::default(),
+            pools: vec![PoolFile {
+                name: "default".into(),
+                backends: backends
+                    .iter()
+                    .map(|a| BackendFile {
+                        address: a.clone(),
+                        name: None,
+                        weight: 1,
+                    })
+                    .collect(),
+                mcp_path: mcp_path(),
+                routing: RoutingFile::default(),
+                health_check: HealthFile::default(),
+                failover: FailoverFile::default(),
+                timeouts: TimeoutsFile::default(),
+            }],
+        };
+        file.validate().map_err(|e| match e {
+            ConfigError::Invalid {
+                key,
+                value,
+                message,
+            } => ConfigError::Invalid {
+                key: key
+                    .replace("listeners[", "--listen[")
+                    .replace("pools[0].backends[", "--backend["),
+                value,
+                message,
+            },
+            other => other,
+        })
+    }
+}
+
+fn socket_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    if let Ok(a) = value.parse() {
+        return Ok(a);
+    }
+    if !value.contains(':') {
+        return Err(invalid(key, value, "expected host:port"));
+    }
+    value
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut it| it.next())
+        .ok_or_else(|| invalid(key, value, "cannot resolve host:port"))
+}
+
+fn millis(key: &str, ms: u64, min: u64, max: u64) -> Result<Duration, ConfigError> {
+    if ms < min || ms > max {
+        return Err(invalid(
+            key,
+            ms,
+            &format!("must be between {min} and {max} milliseconds"),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn is_token(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+impl FileConfig {
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let s = self.server;
+        let threads = match s.threads {
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            Some(t) if (1..=1024).contains(&t) => t,
+            Some(t) => return Err(invalid("server.threads", t, "must be between 1 and 1024")),
+        };
+        if s.grace_period_seconds > 86_400 {
+            return Err(invalid(
+                "server.grace_period_seconds",
+                s.grace_period_seconds,
+                "must be at most 86400",
+            ));
+        }
+        let server = ServerSettings {
+            threads,
+            work_stealing: s.work_stealing,
+            grace_period_seconds: s.grace_period_seconds,
+            graceful_shutdown_timeout_seconds: s.graceful_shutdown_timeout_seconds,
+            upgrade_sock: s.upgrade_sock,
+            pid_file: s.pid_file,
+            access_log: s.access_log,
+            backend_header: s.backend_header,
+        };
+
+        if self.pools.is_empty() {
+            return Err(invalid("pools", "[]", "at least one pool is required"));
+        }
+        let mut pools = Vec::new();
+        let mut names = HashSet::new();
+        for (i, p) in self.pools.into_iter().enumerate() {
+            let pool = validate_pool(&format!("pools[{i}]"), p)?;
+            if !names.insert(pool.name.clone()) {
+                return Err(invalid(
+                    format!("pools[{i}].name"),
+                    &pool.name,
+                    "pool names must be unique",
+                ));
+            }
+            pools.push(pool);
+        }
+
+        if self.listeners.is_empty() {
+            return Err(invalid(
+                "listeners",
+                "[]",
+                "at least one listener is required",
+            ));
+        }
+        let mut listeners = Vec::new();
+        let mut bound = HashSet::new();
+        for (i, l) in self.listeners.into_iter().enumerate() {
+            let key = format!("listeners[{i}]");
+            let address = socket_addr(&format!("{key}.address"), &l.address)?;
+            if !bound.insert(address) {
+                return Err(invalid(
+                    format!("{key}.address"),
+                    &l.address,
+                    "listener addresses must be unique",
+                ));
+            }
+            let pool = match l.pool {
+                None => pools[0].name.clone(),
+                Some(p) if names.contains(&p) => p,
+                Some(p) => {
+                    return Err(invalid(format!("{key}.pool"), p, "no pool has this name"));
+                }
+            };
+            let tls = match l.tls {
+                None => None,
+                Some(t) => {
+                    for (k, f) in [("certificate", &t.certificate), ("key", &t.key)] {
+                        if !f.is_file() {
+                            return Err(invalid(
+                                format!("{key}.tls.{k}"),
+                                f.display(),
+                                "file not found",
+                            ));
+                        }
+                    }
+                    Some((t.certificate, t.key))
+                }
+            };
+            listeners.push(Listener { address, pool, tls });
+        }
+
+        let admin = match self.admin {
+            None => None,
+            Some(a) => {
+                let address = socket_addr("admin.address", &a.address)?;
+                if bound.contains(&address) {
+                    return Err(invalid(
+                        "admin.address",
+                        &a.address,
+                        "already used by a listener",
+                    ));
+                }
+                if a.token.as_deref().is_some_and(str::is_empty) {
+                    return Err(invalid(
+                        "admin.token",
+                        "",
+                        "must not be empty (omit it to disable)",
+                    ));
+                }
+                Some(Admin {
+                    address,
+                    token: a.token,
+                })
+            }
+        };
+
+        let mut trusted_proxies = Vec::new();
+        for (i, c) in self.client_address.trusted_proxies.iter().enumerate() {
+            trusted_proxies.push(Cidr::parse(c).ok_or_else(|| {
+                invalid(
+                    format!("client_address.trusted_proxies[{i}]"),
+                    c,
+                    "expected an IP address or CIDR block",
+                )
+            })?);
+        }
+
+        let l = self.limits;
+        if l.max_body_bytes == 0 {
+            return Err(invalid("limits.max_body_bytes", 0, "must be positive"));
+        }
+        if !(1024..=1024 * 1024).contains(&l.max_header_bytes) {
+            return Err(invalid(
+                "limits.max_header_bytes",
+                l.max_header_bytes,
+                "must be between 1024 and 1048576",
+            ));
+        }
+        if !(16..=4096).contains(&l.max_session_id_bytes) {
+            return Err(invalid(
+                "limits.max_session_id_bytes",
+                l.max_session_id_bytes,
+                "must be between 16 and 4096",
+            ));
+        }
+
+        Ok(Config {
+            server,
+            listeners,
+            admin,
+            trusted_proxies,
+            limits: Limits {
+                max_body_bytes: l.max_body_bytes,
+                max_header_bytes: l.max_header_bytes,
+                max_session_id_bytes: l.max_session_id_bytes,
+            },
+            pools,
+            source: None,
+        })
+    }
+}
+
+fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
+    if p.name.is_empty() || !p.name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            format!("{key}.name"),
+            &p.name,
+            "must be non-empty visible ASCII",
+        ));
+    }
+    if p.backends.is_empty() {
+        return Err(invalid(
+            format!("{key}.backends"),
+            "[]",
+            "at least one backend is required",
+        ));
+    }
+    let mut backends = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, b) in p.backends.into_iter().enumerate() {
+        let bkey = format!("{key}.backends[{i}]");
+        let address = socket_addr(&format!("{bkey}.address"), &b.address)?;
+        if !(1..=1000).contains(&b.weight) {
+            return Err(invalid(
+                format!("{bkey}.weight"),
+                b.weight,
+                "must be between 1 and 1000",
+            ));
+        }
+        let name = b.name.unwrap_or_else(|| address.to_string());
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_graphic() && !b"\",;\\".contains(&c))
+        {
+            return Err(invalid(
+                format!("{bkey}.name"),
+                &name,
+                "must be visible ASCII without quotes, commas, semicolons or backslashes",
+            ));
+        }
+        if !seen.insert(name.clone()) || !seen.insert(format!("addr:{address}")) {
+            return Err(invalid(
+                bkey.clone(),
+                &b.address,
+                "backend names and addresses must be unique within a pool",
+            ));
+        }
+        backends.push(BackendConfig {
+            name,
+            address,
+            weight: b.weight,
+        });
+    }
+    if !p.mcp_path.starts_with('/') {
+        return Err(invalid(
+            format!("{key}.mcp_path"),
+            &p.mcp_path,
+            "must start with /",
+        ));
+    }
+
+    let r = p.routing;
+    let header_name = if is_token(&r.header_name) {
+        http::HeaderName::from_bytes(r.header_name.to_ascii_lowercase().as_bytes()).ok()
+    } else {
+        None
+    }
+    .ok_or_else(|| {
+        invalid(
+            format!("{key}.routing.header_name"),
+            &r.header_name,
+            "not a valid header name",
+        )
+    })?;
+    if !is_token(&r.cookie_name) {
+        return Err(invalid(
+            format!("{key}.routing.cookie_name"),
+            &r.cookie_name,
+            "not a valid cookie name",
+        ));
+    }
+    if r.persistence_ttl_seconds == 0 {
+        return Err(invalid(
+            format!("{key}.routing.persistence_ttl_seconds"),
+            0,
+            "must be positive",
+        ));
+    }
+    if r.legacy == Policy::SessionHash {
+        return Err(invalid(
+            format!("{key}.routing.legacy"),
+            "session-hash",
+            "the 2024-11-05 transport has no Mcp-Session-Id header; use ip-hash, header, cookie or persistence",
+        ));
+    }
+
+    let h = p.health_check;
+    let hkey = format!("{key}.health_check");
+    if !h.path.starts_with('/') {
+        return Err(invalid(
+            format!("{hkey}.path"),
+            &h.path,
+            "must start with /",
+        ));
+    }
+    let interval = millis(&format!("{hkey}.interval_ms"), h.interval_ms, 50, 3_600_000)?;
+    let timeout = millis(&format!("{hkey}.timeout_ms"), h.timeout_ms, 10, 600_000)?;
+    if timeout > interval {
+        return Err(invalid(
+            format!("{hkey}.timeout_ms"),
+            h.timeout_ms,
+            "must not exceed interval_ms",
+        ));
+    }
+    for (k, v) in [
+        ("healthy_threshold", h.healthy_threshold),
+        ("unhealthy_threshold", h.unhealthy_threshold),
+    ] {
+        if !(1..=100).contains(&v) {
+            return Err(invalid(
+                format!("{hkey}.{k}"),
+                v,
+                "must be between 1 and 100",
+            ));
+        }
+    }
+    if h.host.is_empty() || !h.host.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            format!("{hkey}.host"),
+            &h.host,
+            "must be non-empty visible ASCII",
+        ));
+    }
+
+    let f = p.failover;
+    if f.max_retries > 10 {
+        return Err(invalid(
+            format!("{key}.failover.max_retries"),
+            f.max_retries,
+            "must be at most 10",
+        ));
+    }
+    for (i, m) in f.safe_methods.iter().enumerate() {
+        if m.is_empty() || m.contains(char::is_whitespace) {
+            return Err(invalid(
+                format!("{key}.failover.safe_methods[{i}]"),
+                m,
+                "must be an MCP method name",
+            ));
+        }
+    }
+
+    let t = p.timeouts;
+    let tkey = format!("{key}.timeouts");
+    let timeouts = Timeouts {
+        connect: millis(&format!("{tkey}.connect_ms"), t.connect_ms, 1, 600_000)?,
+        read: millis(&format!("{tkey}.read_ms"), t.read_ms, 1, 86_400_000)?,
+        write: millis(&format!("{tkey}.write_ms"), t.write_ms, 1, 86_400_000)?,
+        sse_idle: millis(&format!("{tkey}.sse_idle_ms"), t.sse_idle_ms, 1, 86_400_000)?,
+        upstream_keepalive: millis(
+            &format!("{tkey}.upstream_keepalive_ms"),
+            t.upstream_keepalive_ms,
+            0,
+            86_400_000,
+        )?,
+    };
+
+    Ok(PoolConfig {
+        name: p.name,
+        backends,
+        mcp_path: p.mcp_path,
+        routing: Routing {
+            post: r.post,
+            stream: r.stream,
+            legacy: r.legacy,
+            header_name,
+            cookie_name: r.cookie_name,
+            persistence_ttl: Duration::from_secs(r.persistence_ttl_seconds),
+        },
+        health: HealthConfig {
+            path: h.path,
+            host: h.host,
+            interval,
+            timeout,
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+        },
+        failover: Failover {
+            max_retries: f.max_retries,
+            safe_methods: f.safe_methods.into_iter().collect(),
+        },
+        timeouts,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "listeners: [{address: 127.0.0.1:8080}]\npools: [{name: mcp, backends: [{address: 127.0.0.1:3001}]}]\n";
+
+    fn err(text: &str) -> String {
+        match Config::parse(text, "test.yaml") {
+            Ok(_) => panic!("expected an error for:\n{text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn the_minimal_file_gets_the_documented_defaults() {
+        let c = Config::parse(MINIMAL, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
+        let p = &c.pools[0];
+        assert_eq!(p.routing.post, Policy::RoundRobin);
+        assert_eq!(p.routing.stream, Policy::IpHash);
+        assert_eq!(p.routing.legacy, Policy::IpHash);
+        assert_eq!(p.health.interval, Duration::from_millis(2000));
+        assert!(p.failover.safe_methods.contains("tools/list"));
+        assert!(!p.failover.safe_methods.contains("tools/call"));
+        assert_eq!(c.listeners[0].pool, "mcp");
+        assert!(c.admin.is_none());
+        assert_eq!(p.backends[0].name, "127.0.0.1:3001");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key_and_the_value() {
+        let e = err(&MINIMAL.replace("address: 127.0.0.1:3001", "adress: 127.0.0.1:3001"));
+        assert!(
+            e.contains("pools[0].backends[0]") && e.contains("adress"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("127.0.0.1:3001}", "127.0.0.1:3001, weight: 0}"));
+        assert!(
+            e.contains("pools[0].backends[0].weight") && e.contains("\"0\""),
+            "{e}"
+        );
+        let e = err(&format!("{MINIMAL}limits: {{max_header_bytes: 5}}\n"));
+        assert!(
+            e.contains("limits.max_header_bytes") && e.contains("\"5\""),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("{name: mcp,", "{name: mcp, routing: {post: random},"));
+        assert!(
+            e.contains("pools[0].routing.post") && e.contains("random"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("127.0.0.1:8080", "nowhere"));
+        assert!(
+            e.contains("listeners[0].address") && e.contains("nowhere"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace(
+            "{name: mcp,",
+            "{name: mcp, health_check: {interval_ms: 100, timeout_ms: 500},",
+        ));
+        assert!(
+            e.contains("health_check.timeout_ms") && e.contains("500"),
+            "{e}"
+        );
+        let e = err(&format!(
+            "{MINIMAL}client_address: {{trusted_proxies: [10.0.0.0/99]}}\n"
+        ));
+        assert!(
+            e.contains("trusted_proxies[0]") && e.contains("10.0.0.0/99"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace("8080}", "8080, pool: other}"));
+        assert!(
+            e.contains("listeners[0].pool") && e.contains("other"),
+            "{e}"
+        );
+        let e = err(&MINIMAL.replace(
+            "[{address: 127.0.0.1:3001}]",
+            "[{address: 127.0.0.1:3001}, {address: 127.0.0.1:3001}]",
+        ));
+        assert!(e.contains("pools[0].backends[1]"), "{e}");
+    }
+
+    #[test]
+    fn the_cli_mode_names_its_flags() {
+        let e = Config::from_cli(&["127.0.0.1:1".into()], &["bad".into()], None)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            e.contains("--backend[0].address") && e.contains("bad"),
+            "{e}"
+        );
+        let c = Config::from_cli(
+            &["127.0.0.1:1".into()],
+            &["127.0.0.1:2".into(), "127.0.0.1:3".into()],
+            Some("127.0.0.1:4"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.pools[0].backends.len(), 2);
+    }
+
+    #[test]
+    fn cidr_matching() {
+        let c = Cidr::parse("10.1.0.0/16").unwrap_or_else(|| panic!("parse"));
+        assert!(c.contains("10.1.200.3".parse().unwrap_or_else(|_| panic!())));
+        assert!(!c.contains("10.2.0.1".parse().unwrap_or_else(|_| panic!())));
+        assert!(c.contains("::ffff:10.1.0.9".parse().unwrap_or_else(|_| panic!())));
+        let all = Cidr::parse("0.0.0.0/0").unwrap_or_else(|| panic!("parse"));
+        assert!(all.contains("8.8.8.8".parse().unwrap_or_else(|_| panic!())));
+        assert!(Cidr::parse("::1").is_some());
+        assert!(Cidr::parse("1.2.3.4/33").is_none());
+    }
+}

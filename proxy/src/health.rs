@@ -1,0 +1,132 @@
+//! Active health checks: an HTTP GET of each backend's `health_check.path` every
+//! `interval_ms`, run as a pingora background service. `healthy_threshold` successes in a row
+//! bring a backend up, `unhealthy_threshold` failures take it down; a refused connection on
+//! live traffic takes it down at once (see [`crate::pool::BackendState::connect_failed`]).
+//! The same loop also drops expired session pins and reloads on SIGHUP.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::http::RequestHeader;
+use pingora::lb::health_check::{HealthCheck, HttpHealthCheck};
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+
+use crate::config::HealthConfig;
+use crate::state::Shared;
+
+/// How often the loop looks for due checks; bounds the lateness of a check.
+const TICK: Duration = Duration::from_millis(20);
+
+pub struct HealthChecker {
+    pub shared: Arc<Shared>,
+}
+
+fn http_check(h: &HealthConfig) -> pingora::Result<HttpHealthCheck> {
+    let mut hc = HttpHealthCheck::new(&h.host, false);
+    let mut req = RequestHeader::build("GET", h.path.as_bytes(), None)?;
+    req.insert_header("Host", &h.host)?;
+    req.insert_header("User-Agent", "mcp-proxy-health")?;
+    hc.req = req;
+    hc.peer_template.options.connection_timeout = Some(h.timeout);
+    hc.peer_template.options.read_timeout = Some(h.timeout);
+    hc.peer_template.options.write_timeout = Some(h.timeout);
+    Ok(hc)
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGHUP; reload through the admin API");
+                None
+            }
+        };
+        // Checkers per pool, rebuilt when a reload changes the snapshot.
+        let mut checkers: HashMap<String, Arc<HttpHealthCheck>> = HashMap::new();
+        let mut built_for: usize = 0;
+        let mut due: HashMap<(String, String), Instant> = HashMap::new();
+        let mut last_sweep = Instant::now();
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    match self.shared.reload() {
+                        Ok(warnings) => {
+                            tracing::info!("configuration reloaded on SIGHUP");
+                            for w in warnings { tracing::warn!("{w}"); }
+                        }
+                        Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
+                    }
+                }
+                _ = tokio::time::sleep(TICK) => {}
+            }
+            let snapshot = self.shared.snapshot();
+            let ptr = Arc::as_ptr(&snapshot) as usize;
+            if ptr != built_for {
+                checkers.clear();
+                for p in &snapshot.pools {
+                    match http_check(&p.config.health) {
+                        Ok(hc) => {
+                            checkers.insert(p.config.name.clone(), Arc::new(hc));
+                        }
+                        Err(e) => {
+                            tracing::error!(pool = %p.config.name, error = %e, "cannot build health check")
+                        }
+                    }
+                }
+                built_for = ptr;
+            }
+            let now = Instant::now();
+            for pool in &snapshot.pools {
+                let Some(hc) = checkers.get(&pool.config.name) else {
+                    continue;
+                };
+                let h = &pool.config.health;
+                for b in &pool.backends {
+                    let key = (pool.config.name.clone(), b.name.clone());
+                    let next = due.entry(key).or_insert(now);
+                    if *next > now || b.checking.swap(true, Ordering::AcqRel) {
+                        continue;
+                    }
+                    *next = now + h.interval;
+                    let (hc, b, shared) = (hc.clone(), b.clone(), self.shared.clone());
+                    let (pool_name, timeout, rise, fall) = (
+                        pool.config.name.clone(),
+                        h.timeout,
+                        h.healthy_threshold,
+                        h.unhealthy_threshold,
+                    );
+                    tokio::spawn(async move {
+                        let result = match tokio::time::timeout(timeout, hc.check(&b.lb_backend))
+                            .await
+                        {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+                        };
+                        b.checking.store(false, Ordering::Release);
+                        let ok = result.is_ok();
+                        let error = result.err();
+                        if let Some(t) = b.observe(ok, rise, fall, error.clone()) {
+                            let reason = error.unwrap_or_else(|| "health check passed".into());
+                            shared.transition(&pool_name, &b.name, t, &reason);
+                        }
+                    });
+                }
+            }
+            if last_sweep.elapsed() > Duration::from_secs(5) {
+                self.shared.sessions.sweep();
+                self.shared.legacy.sweep();
+                due.retain(|(p, b), _| snapshot.pool(p).is_some_and(|p| p.find(b).is_some()));
+                last_sweep = Instant::now();
+            }
+        }
+    }
+}

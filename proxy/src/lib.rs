@@ -1,0 +1,116 @@
+//! mcp-proxy: a Pingora edge load balancer that understands MCP sessions.
+//!
+//! # Layout
+//! - [`config`]: the YAML file, its validation and the `--listen/--backend` shortcut.
+//! - [`mcp`]: what the proxy reads of MCP requests (session id, protocol version, JSON-RPC
+//!   method) and the JSON-RPC errors it answers with.
+//! - [`pool`]: backends' live state (health, drain, counters) and selection per policy.
+//! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
+//! - [`health`]: active health checks and SIGHUP reloads, as a background service.
+//! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
+//! - [`metrics`]: the Prometheus registry.
+//! - [`state`]: the shared, reloadable snapshot of config and pools.
+
+pub mod admin;
+pub mod config;
+pub mod health;
+pub mod mcp;
+pub mod metrics;
+pub mod pool;
+pub mod proxy;
+pub mod state;
+
+use std::sync::Arc;
+
+use pingora::server::Server;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+
+use crate::config::Config;
+use crate::state::Shared;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot set up metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("listener {address}: {message}")]
+    Listener { address: String, message: String },
+}
+
+/// How the process was asked to start (pingora's own flags).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StartOptions {
+    /// Take over the listeners of a running mcp-proxy (graceful upgrade, `-u`).
+    pub upgrade: bool,
+    pub daemon: bool,
+}
+
+/// Builds the pingora server: one proxy service per listener, the health-check service and
+/// the admin listener. The caller runs it (`run_forever`).
+pub fn server(config: Config, options: StartOptions) -> Result<(Server, Arc<Shared>), StartError> {
+    let conf = ServerConf {
+        threads: config.server.threads,
+        work_stealing: config.server.work_stealing,
+        grace_period_seconds: Some(config.server.grace_period_seconds),
+        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout_seconds),
+        upgrade_sock: config.server.upgrade_sock.clone(),
+        pid_file: config.server.pid_file.clone(),
+        // Attempts per request are bounded per pool (failover.max_retries <= 10) by the proxy.
+        max_retries: 11,
+        ..ServerConf::default()
+    };
+    let opt = Opt {
+        upgrade: options.upgrade,
+        daemon: options.daemon,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let shared = Shared::new(config.clone())?;
+    for (i, l) in config.listeners.iter().enumerate() {
+        let proxy = proxy::McpProxy {
+            shared: shared.clone(),
+            listener: i,
+            tls: l.tls.is_some(),
+        };
+        let mut service = pingora::proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            &format!("mcp-proxy {}", l.address),
+        );
+        let address = l.address.to_string();
+        match &l.tls {
+            None => service.add_tcp(&address),
+            Some((cert, key)) => service
+                .add_tls(
+                    &address,
+                    &cert.display().to_string(),
+                    &key.display().to_string(),
+                )
+                .map_err(|e| StartError::Listener {
+                    address: address.clone(),
+                    message: e.to_string(),
+                })?,
+        }
+        server.add_service(service);
+    }
+    server.add_service(background_service(
+        "health checks",
+        health::HealthChecker {
+            shared: shared.clone(),
+        },
+    ));
+    if let Some(admin) = &config.admin {
+        let mut service = Service::new(
+            "mcp-proxy admin".to_owned(),
+            admin::AdminApp {
+                shared: shared.clone(),
+            },
+        );
+        service.add_tcp(&admin.address.to_string());
+        server.add_service(service);
+    }
+    Ok((server, shared))
+}

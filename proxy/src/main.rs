@@ -1,0 +1,108 @@
+//! `mcp-proxy -c FILE` or `mcp-proxy --listen ADDR --backend ADDR [--backend ADDR ...]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use proxy::config::Config;
+
+/// An edge load balancer for MCP servers, built on Pingora.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Cli {
+    /// The YAML configuration file (see conf/proxy.yaml).
+    #[arg(short = 'c', long = "conf", value_name = "FILE")]
+    conf: Option<PathBuf>,
+    /// Validate the configuration and exit.
+    #[arg(short = 't', long)]
+    test: bool,
+    /// Without a file: an address to listen on (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// Without a file: a backend address (repeatable).
+    #[arg(long, value_name = "ADDR")]
+    backend: Vec<String>,
+    /// Without a file: the admin listener address (health, metrics, admin API).
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// Take over the listeners of a running mcp-proxy (graceful upgrade; then SIGQUIT the old one).
+    #[arg(short = 'u', long)]
+    upgrade: bool,
+    /// Run in the background.
+    #[arg(short = 'd', long)]
+    daemon: bool,
+}
+
+fn load(cli: &Cli) -> anyhow::Result<Config> {
+    match &cli.conf {
+        Some(path) => {
+            if !cli.listen.is_empty() || !cli.backend.is_empty() || cli.admin.is_some() {
+                anyhow::bail!(
+                    "--listen, --backend and --admin cannot be combined with -c; put them in the file"
+                );
+            }
+            Ok(Config::load(path)?)
+        }
+        None => {
+            if cli.listen.is_empty() || cli.backend.is_empty() {
+                anyhow::bail!("give -c FILE, or --listen ADDR with at least one --backend ADDR");
+            }
+            Ok(Config::from_cli(
+                &cli.listen,
+                &cli.backend,
+                cli.admin.as_deref(),
+            )?)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match load(&cli) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("mcp-proxy: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    if cli.test {
+        let backends: usize = config.pools.iter().map(|p| p.backends.len()).sum();
+        println!(
+            "mcp-proxy: configuration OK: {} listener(s), {} pool(s), {} backend(s)",
+            config.listeners.len(),
+            config.pools.len(),
+            backends
+        );
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    let listeners: Vec<String> = config
+        .listeners
+        .iter()
+        .map(|l| l.address.to_string())
+        .collect();
+    let admin = config.admin.as_ref().map(|a| a.address.to_string());
+    let options = proxy::StartOptions {
+        upgrade: cli.upgrade,
+        daemon: cli.daemon,
+    };
+    match proxy::server(config, options) {
+        Ok((server, _shared)) => {
+            tracing::info!(listeners = ?listeners, admin = ?admin, "mcp-proxy starting");
+            server.run_forever()
+        }
+        Err(e) => {
+            eprintln!("mcp-proxy: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

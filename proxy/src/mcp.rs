@@ -1,0 +1,234 @@
+//! What the proxy reads of an MCP request: the `Mcp-Session-Id` and `MCP-Protocol-Version`
+//! headers, the JSON-RPC method and id of a small POST body, and the session id of a 2024-11-05
+//! `endpoint` event. Also the JSON-RPC error bodies the proxy answers with itself.
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::Value;
+
+/// The first protocol revision without sessions: its requests without a session id go
+/// round-robin whatever the pool's policy.
+pub const STATELESS_REVISION: &str = "2026-07-28";
+
+/// Why a header was refused; the message is what the client reads.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BadHeader(pub &'static str);
+
+/// `Mcp-Session-Id` must be visible ASCII (0x21..=0x7E), non-empty and at most `max` bytes.
+pub fn session_id(value: &[u8], max: usize) -> Result<&str, BadHeader> {
+    if value.is_empty() {
+        return Err(BadHeader("empty Mcp-Session-Id header"));
+    }
+    if value.len() > max {
+        return Err(BadHeader("Mcp-Session-Id header too long"));
+    }
+    if !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(BadHeader(
+            "Mcp-Session-Id header must be visible ASCII characters only",
+        ));
+    }
+    std::str::from_utf8(value).map_err(|_| BadHeader("Mcp-Session-Id header is not ASCII"))
+}
+
+/// `MCP-Protocol-Version` must look like a revision date, `YYYY-MM-DD`.
+pub fn protocol_version(value: &[u8]) -> Result<&str, BadHeader> {
+    let ok = value.len() == 10
+        && value.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if !ok {
+        return Err(BadHeader(
+            "MCP-Protocol-Version header must be a revision date such as 2025-11-25",
+        ));
+    }
+    std::str::from_utf8(value).map_err(|_| BadHeader("MCP-Protocol-Version header is not ASCII"))
+}
+
+/// The method and id of a JSON-RPC message, read without building a full JSON tree.
+#[derive(Debug, Default, PartialEq)]
+pub struct Peek {
+    pub method: Option<String>,
+    /// The `id`, echoed in errors the proxy answers itself.
+    pub id: Option<Value>,
+    /// A JSON array: a 2025-03-26 batch. Never safe to repeat as a whole.
+    pub batch: bool,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default)]
+    method: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    id: Option<Value>,
+}
+
+/// Reads the method and id of a POST body. Bodies that are not JSON-RPC give an empty
+/// [`Peek`]: the backend answers them with the proper error.
+pub fn peek(body: &[u8]) -> Peek {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        return Peek {
+            batch: true,
+            ..Peek::default()
+        };
+    }
+    match serde_json::from_slice::<Message>(body) {
+        Ok(m) => Peek {
+            method: m.method.map(|m| m.into_owned()),
+            id: m.id,
+            batch: false,
+        },
+        Err(_) => Peek::default(),
+    }
+}
+
+/// A bounded label for metrics: known MCP methods as themselves, anything else "other".
+pub fn method_label(method: Option<&str>) -> &'static str {
+    const KNOWN: &[&str] = &[
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/templates/list",
+        "resources/read",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+        "tasks/get",
+        "tasks/list",
+        "tasks/result",
+        "tasks/cancel",
+    ];
+    match method {
+        None => "-",
+        Some(m) => KNOWN.iter().find(|k| **k == m).copied().unwrap_or("other"),
+    }
+}
+
+/// Finds the session id in the first `endpoint` event of a 2024-11-05 SSE stream
+/// (`event: endpoint` / `data: /messages?sessionId=...`). `None` until the event is complete.
+pub fn endpoint_session(stream_start: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(stream_start).ok()?;
+    let normalized = text.replace("\r\n", "\n");
+    for event in normalized.split("\n\n") {
+        if !normalized.contains(&format!("{event}\n\n")) {
+            return None; // incomplete event
+        }
+        let mut is_endpoint = false;
+        let mut data = None;
+        for line in event.lines() {
+            if let Some(v) = line.strip_prefix("event:") {
+                is_endpoint = v.trim() == "endpoint";
+            } else if let Some(v) = line.strip_prefix("data:") {
+                data = Some(v.trim().to_owned());
+            }
+        }
+        if is_endpoint {
+            return data.as_deref().and_then(query_session_id);
+        }
+    }
+    None
+}
+
+/// The `sessionId` query parameter of a URI or query string.
+pub fn query_session_id(uri: &str) -> Option<String> {
+    let query = uri.split_once('?').map_or(uri, |(_, q)| q);
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("sessionId="))
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| (0x21..=0x7e).contains(&b)))
+        .map(str::to_owned)
+}
+
+/// A JSON-RPC error response body; `id` is `null` when unknown.
+pub fn error_body(id: Option<&Value>, code: i32, message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "jsonrpc": "2.0",
+        "id": id.unwrap_or(&Value::Null),
+        "error": {"code": code, "message": message},
+    });
+    Bytes::from(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_must_be_visible_ascii_and_bounded() {
+        assert_eq!(session_id(b"abc-123", 16), Ok("abc-123"));
+        assert!(session_id(b"", 16).is_err());
+        assert!(session_id(b"has space", 16).is_err());
+        assert!(session_id("caf\u{e9}".as_bytes(), 16).is_err());
+        assert!(session_id(b"a\x7f", 16).is_err());
+        assert!(session_id(&[b'a'; 17], 16).is_err());
+    }
+
+    #[test]
+    fn protocol_versions_are_dates() {
+        assert_eq!(protocol_version(b"2025-11-25"), Ok("2025-11-25"));
+        assert!(protocol_version(b"2025-1-25").is_err());
+        assert!(protocol_version(b"latest").is_err());
+        assert!(STATELESS_REVISION <= "2026-07-28" && "2025-11-25" < STATELESS_REVISION);
+    }
+
+    #[test]
+    fn peeking_reads_method_and_raw_id() {
+        let p = peek(br#"{"jsonrpc":"2.0","id":"x-1","method":"tools/call","params":{"a":[1,2]}}"#);
+        assert_eq!(p.method.as_deref(), Some("tools/call"));
+        assert_eq!(p.id, Some(Value::from("x-1")));
+        let p = peek(br#" [{"jsonrpc":"2.0","id":1,"method":"ping"}]"#);
+        assert!(p.batch && p.method.is_none());
+        assert_eq!(peek(b"{not json"), Peek::default());
+        let p = peek(br#"{"jsonrpc":"2.0","id":12345678901234567890,"result":{}}"#);
+        assert_eq!(p.method, None);
+        assert_eq!(p.id, Some(Value::from(12345678901234567890u64)));
+        let p = peek(br#"{"method":"tools\/list","id":2}"#);
+        assert_eq!(p.method.as_deref(), Some("tools/list"));
+    }
+
+    #[test]
+    fn error_bodies_echo_the_id_verbatim() {
+        let id = Value::from(12345678901234567890u64);
+        let b = error_body(Some(&id), -32000, "no healthy backend");
+        let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(v["error"]["code"], -32000);
+        assert!(
+            std::str::from_utf8(&b)
+                .unwrap()
+                .contains("\"id\":12345678901234567890")
+        );
+        let v: serde_json::Value = serde_json::from_slice(&error_body(None, -1, "x")).unwrap();
+        assert!(v["id"].is_null());
+    }
+
+    #[test]
+    fn the_endpoint_event_names_the_legacy_session() {
+        assert_eq!(
+            endpoint_session(b"event: endpoint\ndata: /messages?sessionId=abc\n\n"),
+            Some("abc".into())
+        );
+        assert_eq!(
+            endpoint_session(
+                b": hi\r\n\r\nevent: endpoint\r\ndata: /messages?x=1&sessionId=q9\r\n\r\n"
+            ),
+            Some("q9".into())
+        );
+        assert_eq!(
+            endpoint_session(b"event: endpoint\ndata: /messages?sessionId=abc"),
+            None
+        );
+        assert_eq!(method_label(Some("tools/call")), "tools/call");
+        assert_eq!(method_label(Some("x/evil{label}")), "other");
+        assert_eq!(method_label(None), "-");
+    }
+}

@@ -1,0 +1,447 @@
+//! Upstream pools at run time: each backend's health, drain flag and traffic counters, and
+//! backend selection for every policy.
+//!
+//! Hash policies (*affinity*: ip-hash, session-hash, header) use weighted rendezvous hashing
+//! over the backends that can take traffic, so losing one backend remaps only the keys that
+//! were on it, and two proxies with the same config agree. *Persistence* (the `persistence`
+//! and `cookie` policies, and legacy `endpoint` pins) remembers a session -> backend pin.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::config::{BackendConfig, PoolConfig};
+
+/// One backend's live state. It outlives reloads: a backend that keeps its pool and address
+/// keeps its health and counters.
+#[derive(Debug)]
+pub struct BackendState {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: usize,
+    /// The pingora view of this backend, for health checks.
+    pub lb_backend: pingora::lb::Backend,
+    /// Hash of the name, mixed with request keys by rendezvous hashing.
+    seed: u64,
+    healthy: AtomicBool,
+    draining: AtomicBool,
+    streak: Mutex<Streak>,
+    pub requests: AtomicU64,
+    pub failures: AtomicU64,
+    pub active: AtomicI64,
+    pub checking: AtomicBool,
+    last_error: Mutex<Option<String>>,
+}
+
+/// Consecutive results of one kind, for rise/fall thresholds.
+#[derive(Debug, Default)]
+struct Streak {
+    ok: bool,
+    count: u32,
+}
+
+/// A change of health that callers log and count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    Up,
+    Down,
+}
+
+impl BackendState {
+    pub fn new(cfg: &BackendConfig) -> Self {
+        let lb_backend = pingora::lb::Backend {
+            addr: pingora::protocols::l4::socket::SocketAddr::Inet(cfg.address),
+            weight: cfg.weight,
+            ext: Default::default(),
+        };
+        Self {
+            name: cfg.name.clone(),
+            address: cfg.address,
+            weight: cfg.weight,
+            lb_backend,
+            seed: hash64(cfg.name.as_bytes()),
+            // Like pingora and nginx: healthy until a check or a connection says otherwise.
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            streak: Mutex::new(Streak { ok: true, count: 0 }),
+            requests: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            active: AtomicI64::new(0),
+            checking: AtomicBool::new(false),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    pub fn healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+    }
+
+    /// Can take new requests.
+    pub fn available(&self) -> bool {
+        self.healthy() && !self.draining()
+    }
+
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Records one health observation; flips state after `rise` successes or `fall` failures
+    /// in a row.
+    pub fn observe(
+        &self,
+        ok: bool,
+        rise: u32,
+        fall: u32,
+        error: Option<String>,
+    ) -> Option<Transition> {
+        let Ok(mut streak) = self.streak.lock() else {
+            return None;
+        };
+        if streak.ok == ok {
+            streak.count = streak.count.saturating_add(1);
+        } else {
+            *streak = Streak { ok, count: 1 };
+        }
+        if let Some(e) = error
+            && let Ok(mut last) = self.last_error.lock()
+        {
+            *last = Some(e);
+        }
+        let healthy = self.healthy();
+        if ok && !healthy && streak.count >= rise {
+            self.healthy.store(true, Ordering::Relaxed);
+            return Some(Transition::Up);
+        }
+        if !ok && healthy && streak.count >= fall {
+            self.healthy.store(false, Ordering::Relaxed);
+            return Some(Transition::Down);
+        }
+        None
+    }
+
+    /// A connection to the backend could not be made: it is down now, not after `fall`
+    /// checks. Checks bring it back.
+    pub fn connect_failed(&self, error: String) -> Option<Transition> {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        self.observe(false, u32::MAX, 1, Some(error))
+    }
+}
+
+/// A pool as the current config has it.
+#[derive(Debug)]
+pub struct Pool {
+    pub config: PoolConfig,
+    pub backends: Vec<Arc<BackendState>>,
+    /// Weighted round-robin order: each backend index repeated `weight` times, interleaved.
+    order: Vec<usize>,
+    next: AtomicUsize,
+}
+
+/// What selection found.
+#[derive(Debug)]
+pub enum Pick {
+    Backend(usize),
+    /// No backend in the pool can take the request.
+    NoneAvailable,
+}
+
+impl Pool {
+    /// Builds the pool, reusing the state of backends that `previous` already had.
+    pub fn new(config: PoolConfig, previous: Option<&Pool>) -> Self {
+        let backends: Vec<Arc<BackendState>> = config
+            .backends
+            .iter()
+            .map(|b| {
+                previous
+                    .and_then(|p| {
+                        p.backends.iter().find(|s| {
+                            s.name == b.name && s.address == b.address && s.weight == b.weight
+                        })
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(BackendState::new(b)))
+            })
+            .collect();
+        // Smooth interleaving: round r takes every backend whose weight exceeds r.
+        let max = backends.iter().map(|b| b.weight).max().unwrap_or(1);
+        let mut order = Vec::new();
+        for r in 0..max {
+            for (i, b) in backends.iter().enumerate() {
+                if b.weight > r {
+                    order.push(i);
+                }
+            }
+        }
+        Self {
+            config,
+            backends,
+            order,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn find(&self, name_or_address: &str) -> Option<usize> {
+        self.backends
+            .iter()
+            .position(|b| b.name == name_or_address || b.address.to_string() == name_or_address)
+    }
+
+    /// The next available backend in weighted turn, skipping `exclude`.
+    pub fn round_robin(&self, exclude: &[usize]) -> Pick {
+        let n = self.order.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for k in 0..n {
+            let i = self.order[(start + k) % n];
+            if self.backends[i].available() && !exclude.contains(&i) {
+                return Pick::Backend(i);
+            }
+        }
+        Pick::NoneAvailable
+    }
+
+    /// Weighted rendezvous hashing of `key` over the available backends, skipping `exclude`.
+    pub fn hash(&self, key: &[u8], exclude: &[usize]) -> Pick {
+        let k = hash64(key);
+        let mut best: Option<(f64, usize)> = None;
+        for (i, b) in self.backends.iter().enumerate() {
+            if !b.available() || exclude.contains(&i) {
+                continue;
+            }
+            let score = rendezvous_score(k, b.seed, b.weight);
+            if best.is_none_or(|(s, _)| score > s) {
+                best = Some((score, i));
+            }
+        }
+        best.map_or(Pick::NoneAvailable, |(_, i)| Pick::Backend(i))
+    }
+}
+
+/// FNV-1a, then a splitmix64 finish: cheap, stable across processes and versions.
+pub fn hash64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    mix(h)
+}
+
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// `-weight / ln(u)` with `u` uniform in (0, 1): the highest score wins, and a backend's share
+/// is proportional to its weight.
+fn rendezvous_score(key: u64, seed: u64, weight: usize) -> f64 {
+    let h = mix(key ^ seed);
+    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+    -(weight as f64) / u.ln()
+}
+
+/// Session -> backend pins with an idle expiry. Keyed by session id; the value names the pool
+/// and backend so that pins survive reloads that keep the backend.
+#[derive(Debug, Default)]
+pub struct Pins {
+    map: Mutex<HashMap<String, Pin>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pin {
+    pub pool: String,
+    pub backend: String,
+    last_used: Instant,
+    ttl: Duration,
+}
+
+impl Pins {
+    pub fn insert(&self, session: &str, pool: &str, backend: &str, ttl: Duration) {
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(
+                session.to_owned(),
+                Pin {
+                    pool: pool.to_owned(),
+                    backend: backend.to_owned(),
+                    last_used: Instant::now(),
+                    ttl,
+                },
+            );
+        }
+    }
+
+    /// The pin for `session`, refreshed.
+    pub fn get(&self, session: &str) -> Option<Pin> {
+        let mut m = self.map.lock().ok()?;
+        let pin = m.get_mut(session)?;
+        if pin.last_used.elapsed() > pin.ttl {
+            m.remove(session);
+            return None;
+        }
+        pin.last_used = Instant::now();
+        Some(pin.clone())
+    }
+
+    pub fn remove(&self, session: &str) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(session);
+        }
+    }
+
+    /// Drops expired pins; the health loop calls this.
+    pub fn sweep(&self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.retain(|_, p| p.last_used.elapsed() <= p.ttl);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.lock().map_or(0, |m| m.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn pool(weights: &[usize]) -> Pool {
+        let backends: Vec<String> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, w)| format!("{{address: 127.0.0.1:{}, weight: {w}}}", 3001 + i))
+            .collect();
+        let yaml = format!(
+            "listeners: [{{address: 127.0.0.1:8080}}]\npools: [{{name: p, backends: [{}]}}]\n",
+            backends.join(", ")
+        );
+        let c = Config::parse(&yaml, "t").unwrap();
+        Pool::new(c.pools[0].clone(), None)
+    }
+
+    fn pick(p: Pick) -> usize {
+        match p {
+            Pick::Backend(i) => i,
+            Pick::NoneAvailable => usize::MAX,
+        }
+    }
+
+    #[test]
+    fn round_robin_follows_weights_and_skips_unavailable_backends() {
+        let p = pool(&[1, 2, 1]);
+        let mut counts = [0; 3];
+        for _ in 0..400 {
+            counts[pick(p.round_robin(&[]))] += 1;
+        }
+        assert_eq!(counts, [100, 200, 100]);
+        p.backends[1].connect_failed("refused".into());
+        p.backends[2].set_draining(true);
+        for _ in 0..10 {
+            assert_eq!(
+                pick(p.round_robin(&[])),
+                0,
+                "only backend 0 can take traffic"
+            );
+        }
+        assert!(matches!(p.round_robin(&[0]), Pick::NoneAvailable));
+    }
+
+    #[test]
+    fn losing_a_backend_remaps_only_its_share_of_hashed_keys() {
+        let p = pool(&[1, 1, 1, 1]);
+        let keys: Vec<String> = (0..2000)
+            .map(|i| format!("10.0.{}.{}", i / 250, i % 250))
+            .collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| pick(p.hash(k.as_bytes(), &[])))
+            .collect();
+        let mut share = [0; 4];
+        for b in &before {
+            share[*b] += 1;
+        }
+        for s in share {
+            assert!((350..650).contains(&s), "uneven spread {share:?}");
+        }
+        p.backends[2].connect_failed("gone".into());
+        for (k, b) in keys.iter().zip(&before) {
+            let now = pick(p.hash(k.as_bytes(), &[]));
+            assert_ne!(now, 2, "never an unhealthy backend");
+            if *b != 2 {
+                assert_eq!(now, *b, "key {k} moved although its backend is healthy");
+            }
+        }
+    }
+
+    #[test]
+    fn hashing_never_picks_an_unavailable_backend_and_is_stable() {
+        let p = pool(&[3, 1]);
+        let mut heavy = 0;
+        for i in 0..4000 {
+            let k = format!("session-{i}");
+            let a = pick(p.hash(k.as_bytes(), &[]));
+            assert_eq!(a, pick(p.hash(k.as_bytes(), &[])));
+            heavy += usize::from(a == 0);
+        }
+        assert!(
+            (2700..3300).contains(&heavy),
+            "weight 3 of 4 got {heavy}/4000"
+        );
+        p.backends[0].set_draining(true);
+        p.backends[1].connect_failed("x".into());
+        assert!(matches!(p.hash(b"k", &[]), Pick::NoneAvailable));
+    }
+
+    #[test]
+    fn rise_and_fall_thresholds() {
+        let p = pool(&[1]);
+        let b = &p.backends[0];
+        assert_eq!(b.observe(false, 2, 3, None), None);
+        assert_eq!(b.observe(false, 2, 3, None), None);
+        assert_eq!(b.observe(false, 2, 3, None), Some(Transition::Down));
+        assert!(!b.healthy());
+        assert_eq!(b.observe(true, 2, 3, None), None);
+        assert_eq!(b.observe(false, 2, 3, None), None);
+        assert_eq!(b.observe(true, 2, 3, None), None);
+        assert_eq!(b.observe(true, 2, 3, None), Some(Transition::Up));
+        assert_eq!(b.connect_failed("refused".into()), Some(Transition::Down));
+        assert_eq!(b.last_error().as_deref(), Some("refused"));
+    }
+
+    #[test]
+    fn reloads_keep_the_state_of_unchanged_backends() {
+        let p = pool(&[1, 1]);
+        p.backends[0].set_draining(true);
+        let q = Pool::new(p.config.clone(), Some(&p));
+        assert!(q.backends[0].draining());
+        assert!(Arc::ptr_eq(&p.backends[1], &q.backends[1]));
+    }
+
+    #[test]
+    fn pins_expire_when_idle() {
+        let pins = Pins::default();
+        pins.insert("s1", "p", "b", Duration::from_secs(60));
+        pins.insert("s2", "p", "b", Duration::ZERO);
+        std::thread::sleep(Duration::from_millis(2));
+        assert_eq!(pins.get("s1").map(|p| p.backend), Some("b".into()));
+        assert!(pins.get("s2").is_none());
+        pins.sweep();
+        assert_eq!(pins.len(), 1);
+    }
+}

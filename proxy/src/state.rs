@@ -1,0 +1,166 @@
+//! The state every part of the proxy shares: the current config snapshot (swapped whole on
+//! reload), session pins, metrics.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+
+use arc_swap::ArcSwap;
+
+use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
+use crate::pool::{Pool, Transition};
+
+/// One consistent view of the config and its pools. Requests load it once and keep it, so a
+/// reload never changes the rules under a request in flight.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub pools: Vec<Arc<Pool>>,
+}
+
+impl Snapshot {
+    pub fn pool(&self, name: &str) -> Option<&Arc<Pool>> {
+        self.pools.iter().find(|p| p.config.name == name)
+    }
+
+    /// The pool behind listener `index`; the first pool if the listener is gone after a reload.
+    pub fn pool_for_listener(&self, index: usize) -> &Arc<Pool> {
+        self.config
+            .listeners
+            .get(index)
+            .and_then(|l| self.pool(&l.pool))
+            .unwrap_or(&self.pools[0])
+    }
+}
+
+#[derive(Debug)]
+pub struct Shared {
+    current: ArcSwap<Snapshot>,
+    /// Persistence pins learned from `initialize` responses.
+    pub sessions: crate::pool::Pins,
+    /// 2024-11-05 session ids read from `endpoint` events, pinned to the backend of the stream.
+    pub legacy: crate::pool::Pins,
+    pub metrics: Metrics,
+    reload_lock: Mutex<()>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
+        let metrics = Metrics::new()?;
+        let snapshot = build(config, None);
+        let shared = Arc::new(Self {
+            current: ArcSwap::from_pointee(snapshot),
+            sessions: Default::default(),
+            legacy: Default::default(),
+            metrics,
+            reload_lock: Mutex::new(()),
+        });
+        shared.publish_health();
+        Ok(shared)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Swaps in `config`. Backends that keep their pool, name and address keep their health,
+    /// drain flag and counters. Listener, admin and thread changes need a restart or a graceful
+    /// upgrade; they are reported and otherwise ignored.
+    pub fn apply(&self, mut config: Config) -> Vec<String> {
+        let _guard = self.reload_lock.lock();
+        let old = self.snapshot();
+        let mut warnings = Vec::new();
+        if config.listeners != old.config.listeners {
+            warnings.push(
+                "listeners changed: takes effect after a restart or graceful upgrade".to_owned(),
+            );
+            // Keep serving the listeners that exist, with their pools from the new file where
+            // it still has them.
+            let mut kept = old.config.listeners.clone();
+            for (k, l) in kept.iter_mut().enumerate() {
+                if let Some(new) = config.listeners.get(k)
+                    && config.pools.iter().any(|p| p.name == new.pool)
+                {
+                    l.pool = new.pool.clone();
+                } else if !config.pools.iter().any(|p| p.name == l.pool) {
+                    l.pool = config.pools[0].name.clone();
+                }
+            }
+            config.listeners = kept;
+        }
+        if config.admin != old.config.admin {
+            warnings.push("admin changed: takes effect after a restart".to_owned());
+        }
+        if config.server.threads != old.config.server.threads {
+            warnings.push("server.threads changed: takes effect after a restart".to_owned());
+        }
+        let snapshot = build(config, Some(&old));
+        self.current.store(Arc::new(snapshot));
+        self.publish_health();
+        warnings
+    }
+
+    /// Re-reads the config file this proxy was started with.
+    pub fn reload(&self) -> Result<Vec<String>, ReloadError> {
+        let path = self
+            .snapshot()
+            .config
+            .source
+            .clone()
+            .ok_or(ReloadError::NoFile)?;
+        let config = Config::load(&path)?;
+        Ok(self.apply(config))
+    }
+
+    /// Counts and logs a health transition.
+    pub fn transition(&self, pool: &str, backend: &str, t: Transition, reason: &str) {
+        let (state, up) = match t {
+            Transition::Up => ("up", 1),
+            Transition::Down => ("down", 0),
+        };
+        self.metrics
+            .health_transitions
+            .with_label_values(&[pool, backend, state])
+            .inc();
+        self.metrics
+            .backend_up
+            .with_label_values(&[pool, backend])
+            .set(up);
+        match t {
+            Transition::Up => tracing::info!(pool, backend, reason, "backend up"),
+            Transition::Down => tracing::warn!(pool, backend, reason, "backend down"),
+        }
+    }
+
+    fn publish_health(&self) {
+        self.metrics.backend_up.reset();
+        for p in &self.snapshot().pools {
+            for b in &p.backends {
+                self.metrics
+                    .backend_up
+                    .with_label_values(&[&p.config.name, &b.name])
+                    .set(i64::from(b.healthy()));
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("started without a config file (--listen/--backend mode): nothing to reload")]
+    NoFile,
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+fn build(config: Config, old: Option<&Snapshot>) -> Snapshot {
+    let pools = config
+        .pools
+        .iter()
+        .map(|p| {
+            let previous = old.and_then(|o| o.pool(&p.name)).map(Arc::as_ref);
+            Arc::new(Pool::new(p.clone(), previous))
+        })
+        .collect();
+    Snapshot { config, pools }
+}
