@@ -85,10 +85,10 @@ impl AdminApp {
                 "stream": p.config.routing.stream.as_str(),
                 "legacy": p.config.routing.legacy.as_str(),
             },
-            "backends": p.backends.iter().map(|b| json!({
+            "backends": p.backends.iter().zip(&p.weights).map(|(b, w)| json!({
                 "name": b.name,
                 "address": b.address.to_string(),
-                "weight": b.weight,
+                "weight": w,
                 "healthy": b.healthy(),
                 "draining": b.draining(),
                 "requests": b.requests.load(Ordering::Relaxed),

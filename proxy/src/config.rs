@@ -590,12 +590,16 @@ impl FileConfig {
             Some(t) if (1..=1024).contains(&t) => t,
             Some(t) => return Err(invalid("server.threads", t, "must be between 1 and 1024")),
         };
-        if s.grace_period_seconds > 86_400 {
-            return Err(invalid(
-                "server.grace_period_seconds",
-                s.grace_period_seconds,
-                "must be at most 86400",
-            ));
+        for (key, v) in [
+            ("server.grace_period_seconds", s.grace_period_seconds),
+            (
+                "server.graceful_shutdown_timeout_seconds",
+                s.graceful_shutdown_timeout_seconds,
+            ),
+        ] {
+            if v > 86_400 {
+                return Err(invalid(key, v, "must be at most 86400"));
+            }
         }
         let server = ServerSettings {
             threads,
@@ -779,11 +783,18 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
                 "must be visible ASCII without quotes, commas, semicolons or backslashes",
             ));
         }
-        if !seen.insert(name.clone()) || !seen.insert(format!("addr:{address}")) {
+        if !seen.insert(format!("addr:{address}")) {
             return Err(invalid(
-                bkey.clone(),
+                format!("{bkey}.address"),
                 &b.address,
-                "backend names and addresses must be unique within a pool",
+                "backend addresses must be unique within a pool",
+            ));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(invalid(
+                format!("{bkey}.name"),
+                &name,
+                "backend names must be unique within a pool",
             ));
         }
         backends.push(BackendConfig {
@@ -837,11 +848,11 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
 
     let h = p.health_check;
     let hkey = format!("{key}.health_check");
-    if !h.path.starts_with('/') {
+    if !h.path.starts_with('/') || h.path.parse::<http::uri::PathAndQuery>().is_err() {
         return Err(invalid(
             format!("{hkey}.path"),
             &h.path,
-            "must start with /",
+            "must be a URL path starting with /",
         ));
     }
     let interval = millis(&format!("{hkey}.interval_ms"), h.interval_ms, 50, 3_600_000)?;
@@ -1013,7 +1024,9 @@ mod tests {
             "[{address: 127.0.0.1:3001}]",
             "[{address: 127.0.0.1:3001}, {address: 127.0.0.1:3001}]",
         ));
-        assert!(e.contains("pools[0].backends[1]"), "{e}");
+        assert!(e.contains("pools[0].backends[1].address"), "{e}");
+        let e = err(&MINIMAL.replace("{name: mcp,", "{name: mcp, health_check: {path: /a b},"));
+        assert!(e.contains("health_check.path") && e.contains("/a b"), "{e}");
     }
 
     #[test]

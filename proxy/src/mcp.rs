@@ -30,19 +30,21 @@ pub fn session_id(value: &[u8], max: usize) -> Result<&str, BadHeader> {
     std::str::from_utf8(value).map_err(|_| BadHeader("Mcp-Session-Id header is not ASCII"))
 }
 
-/// `MCP-Protocol-Version` must look like a revision date, `YYYY-MM-DD`.
-pub fn protocol_version(value: &[u8]) -> Result<&str, BadHeader> {
-    let ok = value.len() == 10
+/// `MCP-Protocol-Version` must be short visible ASCII. Whether the revision is supported is
+/// the backend's call (it answers with the versions it supports), so any such value passes.
+/// Returns whether the request is of a session-less revision (2026-07-28 or later).
+pub fn protocol_version(value: &[u8]) -> Result<bool, BadHeader> {
+    if value.is_empty() || value.len() > 64 || !value.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(BadHeader(
+            "MCP-Protocol-Version header must be up to 64 visible ASCII characters",
+        ));
+    }
+    let is_date = value.len() == 10
         && value.iter().enumerate().all(|(i, b)| match i {
             4 | 7 => *b == b'-',
             _ => b.is_ascii_digit(),
         });
-    if !ok {
-        return Err(BadHeader(
-            "MCP-Protocol-Version header must be a revision date such as 2025-11-25",
-        ));
-    }
-    std::str::from_utf8(value).map_err(|_| BadHeader("MCP-Protocol-Version header is not ASCII"))
+    Ok(is_date && value >= STATELESS_REVISION.as_bytes())
 }
 
 /// The method and id of a JSON-RPC message, read without building a full JSON tree.
@@ -174,11 +176,18 @@ mod tests {
     }
 
     #[test]
-    fn protocol_versions_are_dates() {
-        assert_eq!(protocol_version(b"2025-11-25"), Ok("2025-11-25"));
-        assert!(protocol_version(b"2025-1-25").is_err());
-        assert!(protocol_version(b"latest").is_err());
-        assert!(STATELESS_REVISION <= "2026-07-28" && "2025-11-25" < STATELESS_REVISION);
+    fn protocol_versions_pass_unless_malformed_and_tell_the_stateless_revisions() {
+        assert_eq!(protocol_version(b"2025-11-25"), Ok(false));
+        assert_eq!(protocol_version(b"2026-07-28"), Ok(true));
+        assert_eq!(protocol_version(b"2027-01-01"), Ok(true));
+        assert_eq!(
+            protocol_version(b"DRAFT-2026-v1"),
+            Ok(false),
+            "the backend decides"
+        );
+        assert!(protocol_version(b"").is_err());
+        assert!(protocol_version(b"a b").is_err());
+        assert!(protocol_version(&[b'1'; 65]).is_err());
     }
 
     #[test]

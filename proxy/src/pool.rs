@@ -21,7 +21,6 @@ use crate::config::{BackendConfig, PoolConfig};
 pub struct BackendState {
     pub name: String,
     pub address: SocketAddr,
-    pub weight: usize,
     /// The pingora view of this backend, for health checks.
     pub lb_backend: pingora::lb::Backend,
     /// Hash of the name, mixed with request keys by rendezvous hashing.
@@ -60,7 +59,6 @@ impl BackendState {
         Self {
             name: cfg.name.clone(),
             address: cfg.address,
-            weight: cfg.weight,
             lb_backend,
             seed: hash64(cfg.name.as_bytes()),
             // Like pingora and nginx: healthy until a check or a connection says otherwise.
@@ -143,6 +141,9 @@ impl BackendState {
 pub struct Pool {
     pub config: PoolConfig,
     pub backends: Vec<Arc<BackendState>>,
+    /// Weights from the config, by backend index (not in the state, so that a reload that only
+    /// changes a weight keeps health, drain flag and counters).
+    pub weights: Vec<usize>,
     /// Weighted round-robin order: each backend index repeated `weight` times, interleaved.
     order: Vec<usize>,
     next: AtomicUsize,
@@ -165,20 +166,21 @@ impl Pool {
             .map(|b| {
                 previous
                     .and_then(|p| {
-                        p.backends.iter().find(|s| {
-                            s.name == b.name && s.address == b.address && s.weight == b.weight
-                        })
+                        p.backends
+                            .iter()
+                            .find(|s| s.name == b.name && s.address == b.address)
                     })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(BackendState::new(b)))
             })
             .collect();
+        let weights: Vec<usize> = config.backends.iter().map(|b| b.weight).collect();
         // Smooth interleaving: round r takes every backend whose weight exceeds r.
-        let max = backends.iter().map(|b| b.weight).max().unwrap_or(1);
+        let max = weights.iter().copied().max().unwrap_or(1);
         let mut order = Vec::new();
         for r in 0..max {
-            for (i, b) in backends.iter().enumerate() {
-                if b.weight > r {
+            for (i, w) in weights.iter().enumerate() {
+                if *w > r {
                     order.push(i);
                 }
             }
@@ -186,6 +188,7 @@ impl Pool {
         Self {
             config,
             backends,
+            weights,
             order,
             next: AtomicUsize::new(0),
         }
@@ -199,10 +202,11 @@ impl Pool {
 
     /// The next available backend in weighted turn, skipping `exclude`.
     pub fn round_robin(&self, exclude: &[usize]) -> Pick {
+        // Each skipped slot is consumed too, so an unavailable backend's share spreads over
+        // the others instead of all falling to its successor.
         let n = self.order.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for k in 0..n {
-            let i = self.order[(start + k) % n];
+        for _ in 0..n {
+            let i = self.order[self.next.fetch_add(1, Ordering::Relaxed) % n];
             if self.backends[i].available() && !exclude.contains(&i) {
                 return Pick::Backend(i);
             }
@@ -218,7 +222,7 @@ impl Pool {
             if !b.available() || exclude.contains(&i) {
                 continue;
             }
-            let score = rendezvous_score(k, b.seed, b.weight);
+            let score = rendezvous_score(k, b.seed, self.weights[i]);
             if best.is_none_or(|(s, _)| score > s) {
                 best = Some((score, i));
             }
@@ -360,6 +364,17 @@ mod tests {
             );
         }
         assert!(matches!(p.round_robin(&[0]), Pick::NoneAvailable));
+        // One of three down: the other two share its traffic evenly.
+        let p = pool(&[1, 1, 1]);
+        p.backends[0].connect_failed("down".into());
+        let mut counts = [0; 3];
+        for _ in 0..300 {
+            counts[pick(p.round_robin(&[]))] += 1;
+        }
+        assert!(
+            (130..=170).contains(&counts[1]) && (130..=170).contains(&counts[2]),
+            "{counts:?}"
+        );
     }
 
     #[test]
@@ -428,8 +443,14 @@ mod tests {
     fn reloads_keep_the_state_of_unchanged_backends() {
         let p = pool(&[1, 1]);
         p.backends[0].set_draining(true);
-        let q = Pool::new(p.config.clone(), Some(&p));
-        assert!(q.backends[0].draining());
+        let mut changed = p.config.clone();
+        changed.backends[0].weight = 5;
+        let q = Pool::new(changed, Some(&p));
+        assert!(
+            q.backends[0].draining(),
+            "a weight change keeps the drain flag"
+        );
+        assert_eq!(q.weights[0], 5);
         assert!(Arc::ptr_eq(&p.backends[1], &q.backends[1]));
     }
 

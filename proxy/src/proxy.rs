@@ -12,7 +12,7 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result};
+use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
 
 use crate::config::{Cidr, Policy};
 use crate::mcp;
@@ -69,6 +69,8 @@ pub struct Ctx {
     first: Option<usize>,
     /// Whether `backend`'s active count includes this request.
     counted: bool,
+    /// Sent to a persistence pin: no other backend can serve it, so it is never retried.
+    pinned: bool,
     tried: Vec<usize>,
     attempts: usize,
     body_bytes: u64,
@@ -151,7 +153,12 @@ impl McpProxy {
                 {
                     // A draining backend keeps its pinned sessions: they live nowhere else.
                     return match pool.find(&pin.backend) {
-                        Some(i) if usable(i) => Ok(i),
+                        Some(i) if usable(i) => {
+                            ctx.pinned = true;
+                            Ok(i)
+                        }
+                        // Healthy but already tried: the session is fine, this request failed.
+                        Some(i) if pool.backends[i].healthy() => Err(Failure::NoneAvailable),
                         _ => {
                             self.shared.sessions.remove(sid);
                             Err(Failure::SessionGone)
@@ -279,6 +286,7 @@ impl ProxyHttp for McpProxy {
             backend: None,
             first: None,
             counted: false,
+            pinned: false,
             tried: Vec::new(),
             attempts: 0,
             body_bytes: 0,
@@ -385,16 +393,24 @@ impl ProxyHttp for McpProxy {
             return Ok(true);
         }
         // Read a small POST body first, so that even errors below can echo its id.
-        if post && let Some(len) = content_length.filter(|n| (1..=PEEK_LIMIT).contains(n)) {
+        // `Expect: 100-continue` clients send the body only after the backend's 100: not peeked.
+        let expects = session.req_header().headers.contains_key(header::EXPECT);
+        if post
+            && !expects
+            && let Some(len) = content_length.filter(|n| (1..=PEEK_LIMIT).contains(n))
+        {
             session.enable_retry_buffering();
             let mut body = BytesMut::with_capacity(len as usize);
-            while let Some(chunk) = session.read_request_body().await? {
+            while let Some(chunk) = session
+                .read_request_body()
+                .await
+                .map_err(|e| e.into_down())?
+            {
                 body.extend_from_slice(&chunk);
                 if body.len() as u64 >= len {
                     break;
                 }
             }
-            ctx.body_bytes = body.len() as u64;
             ctx.peek = mcp::peek(&body);
         }
         let req = session.req_header();
@@ -409,7 +425,7 @@ impl ProxyHttp for McpProxy {
         }
         if let Some(v) = req.headers.get("mcp-protocol-version") {
             match mcp::protocol_version(v.as_bytes()) {
-                Ok(v) => ctx.stateless = v >= mcp::STATELESS_REVISION,
+                Ok(stateless) => ctx.stateless = stateless,
                 Err(mcp::BadHeader(m)) => {
                     respond(session, ctx, 400, -32600, m, None).await?;
                     return Ok(true);
@@ -465,6 +481,8 @@ impl ProxyHttp for McpProxy {
         };
         ctx.backend = Some(i);
         ctx.first.get_or_insert(i);
+        // request_body_filter sees the whole body again on every attempt.
+        ctx.body_bytes = 0;
         ctx.attempts += 1;
         let b = &pool.backends[i];
         b.requests.fetch_add(1, Ordering::Relaxed);
@@ -542,8 +560,10 @@ impl ProxyHttp for McpProxy {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut Ctx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
+        // A pooled connection the backend had already closed says nothing about its health.
+        let stale_connection = client_reused && matches!(e.retry, RetryType::ReusedOnly);
         let mut e = e.more_context(format!("peer: {peer}"));
         let Some(pool) = ctx.pool.clone() else {
             e.set_retry(false);
@@ -551,6 +571,7 @@ impl ProxyHttp for McpProxy {
         };
         let upstream_fault = *e.esource() == ErrorSource::Upstream;
         if upstream_fault
+            && !stale_connection
             && !ctx.response_started
             && let Some(i) = ctx.backend
         {
@@ -577,13 +598,16 @@ impl ProxyHttp for McpProxy {
                     .is_some_and(|m| pool.config.failover.safe_methods.contains(m)));
         let retry = upstream_fault
             && safe
+            && !ctx.pinned
             && !ctx.response_started
             && !session.as_ref().retry_buffer_truncated()
             && self.may_retry(ctx, &pool);
         e.set_retry(retry);
         if retry {
             self.release(ctx);
-            if let Some(i) = ctx.backend {
+            if let Some(i) = ctx.backend
+                && !stale_connection
+            {
                 ctx.tried.push(i);
             }
             self.shared
@@ -601,6 +625,9 @@ impl ProxyHttp for McpProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if resp.status.is_informational() {
+            return Ok(());
+        }
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
         let (Some(pool), Some(i)) = (ctx.pool.clone(), ctx.backend) else {
@@ -679,10 +706,13 @@ impl ProxyHttp for McpProxy {
             if let Some(sid) = mcp::endpoint_session(buf) {
                 ctx.scan = None;
                 if let (Some(pool), Some(i)) = (&ctx.pool, ctx.backend) {
-                    let ttl = pool.config.routing.persistence_ttl;
-                    self.shared
-                        .legacy
-                        .insert(&sid, &pool.config.name, &pool.backends[i].name, ttl);
+                    // Lives as long as the stream: `logging` removes it.
+                    self.shared.legacy.insert(
+                        &sid,
+                        &pool.config.name,
+                        &pool.backends[i].name,
+                        Duration::MAX,
+                    );
                     ctx.legacy_pin = Some(sid);
                 }
             } else if buf.len() > 8192 {

@@ -504,6 +504,36 @@ async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
     );
 }
 
+#[tokio::test]
+async fn official_conformance_suite_gives_the_same_totals_through_the_proxy_as_on_one_backend() {
+    let redis = Redis::start(false).await.expect("redis");
+    let mut b = Vec::new();
+    for name in ["a", "b", "c"] {
+        b.push(
+            Backend::start(name, Some(&redis.url()), &["--conformance"])
+                .await
+                .expect("backend"),
+        );
+    }
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    for req in ["2025-11-25", "2026-07-28"] {
+        let direct = conformance(&b[0].mcp(), req).await;
+        let proxied = conformance(&proxy.mcp(), req).await;
+        assert_eq!(
+            proxied, direct,
+            "{req}: through the proxy to three round-robined replicas as on one backend"
+        );
+    }
+    // The POSTs really were spread over the three replicas.
+    let all = proxy.admin("/admin/backends").await.expect("backends");
+    for x in all["pools"][0]["backends"].as_array().expect("backends") {
+        assert!(
+            x["requests"].as_u64().unwrap_or(0) > 10,
+            "every replica served: {all}"
+        );
+    }
+}
+
 async fn python(script_args: &[&str]) -> String {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python_client.py");
     let out = tokio::process::Command::new("python3")
@@ -537,6 +567,22 @@ async fn python_sdk_completes_sessions_against_two_replicas_taking_turns() {
             assert!(
                 out.contains("nodes=a,b"),
                 "python {mode} must have been served by both replicas: {out}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn python_sdk_completes_sessions_through_the_proxy() {
+    let (_redis, b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    for mode in ["legacy", "2026-07-28", "sse"] {
+        let out = python(&[&proxy.base(), mode]).await;
+        assert!(out.contains("OK"), "python {mode} through the proxy: {out}");
+        if mode != "sse" {
+            assert!(
+                out.contains("nodes=a,b,c"),
+                "python {mode}: POSTs round-robined over the three replicas: {out}"
             );
         }
     }
@@ -901,7 +947,7 @@ async fn the_proxy_rejects_bad_input_with_json_rpc_errors_and_answers_503_when_a
     for (header, value) in [
         ("mcp-session-id", "has space"),
         ("mcp-session-id", &"x".repeat(300)),
-        ("mcp-protocol-version", "latest"),
+        ("mcp-protocol-version", &"9".repeat(65)),
     ] {
         let r = post(ping.clone())
             .header(header, value)
@@ -1285,7 +1331,57 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
             backend::config::FileConfig::parse(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
     }
-    assert!(proxy_files >= 1, "conf/proxy.yaml exists");
+    assert!(
+        proxy_files >= 2,
+        "conf/proxy.yaml and conf/proxy.docker.yaml exist"
+    );
+
+    // The compose file: valid YAML with the whole topology.
+    let compose: serde_yaml::Value = serde_yaml::from_str(
+        &std::fs::read_to_string(conf.join("docker-compose.yml")).expect("docker-compose.yml"),
+    )
+    .expect("docker-compose.yml is YAML");
+    for service in ["redis", "backend-1", "backend-2", "backend-3", "proxy"] {
+        assert!(
+            !compose["services"][service].is_null(),
+            "compose has {service}"
+        );
+    }
+    // Kubernetes: every document parses; the proxy's ConfigMap is a valid config once its
+    // in-cluster names (resolvable only in the cluster) are mapped to local addresses.
+    let k8s = std::fs::read_to_string(conf.join("k8s/mcp-edge.yaml")).expect("k8s manifest");
+    let mut kinds = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&k8s) {
+        let v = <serde_yaml::Value as serde::Deserialize>::deserialize(doc).expect("k8s YAML");
+        kinds.push(v["kind"].as_str().unwrap_or_default().to_owned());
+        if v["kind"] == "ConfigMap" {
+            let mut cfg = v["data"]["proxy.yaml"]
+                .as_str()
+                .expect("proxy.yaml")
+                .to_owned();
+            for i in 0..3 {
+                cfg = cfg.replace(
+                    &format!("mcp-backend-{i}.mcp-backend.mcp-edge.svc.cluster.local:3000"),
+                    &format!("127.0.0.1:{}", 3000 + i),
+                );
+            }
+            let path = std::env::temp_dir().join(format!("k8s-proxy-{}.yaml", std::process::id()));
+            std::fs::write(&path, cfg).expect("write");
+            let (code, out) = run(vec![
+                "--test".into(),
+                "-c".into(),
+                path.display().to_string(),
+            ]);
+            let _ = std::fs::remove_file(&path);
+            assert_eq!(code, Some(0), "k8s ConfigMap proxy.yaml: {out}");
+        }
+    }
+    for kind in ["StatefulSet", "ConfigMap", "Deployment", "Service"] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "k8s manifest has a {kind}: {kinds:?}"
+        );
+    }
 
     let dir = tests::TempDir::new("conf");
     for (yaml, key, value) in [
@@ -1330,4 +1426,34 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
         out.contains("--backend[0].address") && out.contains("nohost"),
         "{out}"
     );
+}
+
+#[tokio::test]
+async fn typescript_sdk_completes_sessions_through_the_proxy() {
+    let (_redis, b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/ts_client.mjs");
+    let sdk = tests::tools_dir().join("npm/node_modules/@modelcontextprotocol/sdk");
+    for mode in ["http", "sse"] {
+        let out = tokio::process::Command::new("node")
+            .env("PATH", tools_path())
+            .env("MCP_SDK", &sdk)
+            .arg(script)
+            .args([&proxy.base(), mode])
+            .output()
+            .await
+            .expect("run node");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("OK"),
+            "typescript {mode} through the proxy:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if mode == "http" {
+            assert!(
+                stdout.contains("nodes=a,b,c"),
+                "typescript: POSTs round-robined over the three replicas: {stdout}"
+            );
+        }
+    }
 }
