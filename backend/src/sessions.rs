@@ -14,7 +14,14 @@
 //!
 //! See `sessions.md` beside this file for the whole picture.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{Stream, StreamExt};
 use rmcp::{
@@ -171,6 +178,11 @@ struct LocalSession {
     manager: Arc<LocalSessionManager>,
     /// Cancelled when the session leaves this replica: ends its bus listeners and streams.
     stop: CancellationToken,
+    /// Set once the worker has answered its `initialize` (the client's, or the one rmcp
+    /// replays on restore). Until then a worker accepts nothing else and dies on any other
+    /// event, so `has_session` says no and rmcp makes concurrent requests wait for the
+    /// restore in progress.
+    ready: Arc<AtomicBool>,
 }
 
 /// rmcp's session manager for a group of replicas sharing a [`Store`].
@@ -242,10 +254,14 @@ impl ReplicaSessions {
             id.clone(),
             stop.clone(),
         ));
-        self.sessions
-            .write()
-            .await
-            .insert(id, LocalSession { manager, stop });
+        self.sessions.write().await.insert(
+            id,
+            LocalSession {
+                manager,
+                stop,
+                ready: Arc::new(AtomicBool::new(false)),
+            },
+        );
         Ok(transport)
     }
 
@@ -377,11 +393,20 @@ impl SessionManager for ReplicaSessions {
         message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
         let (manager, _) = self.local(id).await?;
-        Ok(manager.initialize_session(id, message).await?)
+        let response = manager.initialize_session(id, message).await?;
+        if let Some(s) = self.sessions.read().await.get(id) {
+            s.ready.store(true, Ordering::Release);
+        }
+        Ok(response)
     }
 
     async fn has_session(&self, id: &SessionId) -> Result<bool, Self::Error> {
-        Ok(self.is_local(id).await)
+        Ok(self
+            .sessions
+            .read()
+            .await
+            .get(id)
+            .is_some_and(|s| s.ready.load(Ordering::Acquire)))
     }
 
     async fn close_session(&self, id: &SessionId) -> Result<(), Self::Error> {
