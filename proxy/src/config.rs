@@ -975,58 +975,69 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_key_and_the_value() {
-        let e = err(&MINIMAL.replace("address: 127.0.0.1:3001", "adress: 127.0.0.1:3001"));
-        assert!(
-            e.contains("pools[0].backends[0]") && e.contains("adress"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace("127.0.0.1:3001}", "127.0.0.1:3001, weight: 0}"));
-        assert!(
-            e.contains("pools[0].backends[0].weight") && e.contains("\"0\""),
-            "{e}"
-        );
-        let e = err(&format!("{MINIMAL}limits: {{max_header_bytes: 5}}\n"));
-        assert!(
-            e.contains("limits.max_header_bytes") && e.contains("\"5\""),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace("{name: mcp,", "{name: mcp, routing: {post: random},"));
-        assert!(
-            e.contains("pools[0].routing.post") && e.contains("random"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace("127.0.0.1:8080", "nowhere"));
-        assert!(
-            e.contains("listeners[0].address") && e.contains("nowhere"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace(
-            "{name: mcp,",
-            "{name: mcp, health_check: {interval_ms: 100, timeout_ms: 500},",
-        ));
-        assert!(
-            e.contains("health_check.timeout_ms") && e.contains("500"),
-            "{e}"
-        );
-        let e = err(&format!(
-            "{MINIMAL}client_address: {{trusted_proxies: [10.0.0.0/99]}}\n"
-        ));
-        assert!(
-            e.contains("trusted_proxies[0]") && e.contains("10.0.0.0/99"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace("8080}", "8080, pool: other}"));
-        assert!(
-            e.contains("listeners[0].pool") && e.contains("other"),
-            "{e}"
-        );
-        let e = err(&MINIMAL.replace(
-            "[{address: 127.0.0.1:3001}]",
-            "[{address: 127.0.0.1:3001}, {address: 127.0.0.1:3001}]",
-        ));
-        assert!(e.contains("pools[0].backends[1].address"), "{e}");
-        let e = err(&MINIMAL.replace("{name: mcp,", "{name: mcp, health_check: {path: /a b},"));
-        assert!(e.contains("health_check.path") && e.contains("/a b"), "{e}");
+        let pool = |extra: &str| MINIMAL.replace("{name: mcp,", &format!("{{name: mcp, {extra},"));
+        let cases = [
+            (
+                MINIMAL.replace("address: 127.0.0.1:3001", "adress: 127.0.0.1:3001"),
+                "pools[0].backends[0]",
+                "adress",
+            ),
+            (
+                MINIMAL.replace("127.0.0.1:3001}", "127.0.0.1:3001, weight: 0}"),
+                "pools[0].backends[0].weight",
+                "\"0\"",
+            ),
+            (
+                format!("{MINIMAL}limits: {{max_header_bytes: 5}}\n"),
+                "limits.max_header_bytes",
+                "\"5\"",
+            ),
+            (
+                pool("routing: {post: random}"),
+                "pools[0].routing.post",
+                "random",
+            ),
+            (
+                MINIMAL.replace("127.0.0.1:8080", "nowhere"),
+                "listeners[0].address",
+                "nowhere",
+            ),
+            (
+                pool("health_check: {interval_ms: 100, timeout_ms: 500}"),
+                "health_check.timeout_ms",
+                "500",
+            ),
+            (
+                format!("{MINIMAL}client_address: {{trusted_proxies: [10.0.0.0/99]}}\n"),
+                "trusted_proxies[0]",
+                "10.0.0.0/99",
+            ),
+            (
+                MINIMAL.replace("8080}", "8080, pool: other}"),
+                "listeners[0].pool",
+                "other",
+            ),
+            (
+                MINIMAL.replace(
+                    "[{address: 127.0.0.1:3001}]",
+                    "[{address: 127.0.0.1:3001}, {address: 127.0.0.1:3001}]",
+                ),
+                "pools[0].backends[1].address",
+                "127.0.0.1:3001",
+            ),
+            (
+                pool("health_check: {path: /a b}"),
+                "health_check.path",
+                "/a b",
+            ),
+        ];
+        for (yaml, key, value) in cases {
+            let e = err(&yaml);
+            assert!(
+                e.contains(key) && e.contains(value),
+                "want {key} and {value} in: {e}"
+            );
+        }
     }
 
     #[test]

@@ -475,8 +475,8 @@ async fn conformance(url: &str, requirements: &str) -> String {
     total
 }
 
-#[tokio::test]
-async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
+/// Redis and three replicas serving the conformance suite's fixtures.
+async fn conformance_cluster() -> (Redis, Vec<Backend>) {
     let redis = Redis::start(false).await.expect("redis");
     let mut b = Vec::new();
     for name in ["a", "b", "c"] {
@@ -486,6 +486,12 @@ async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
                 .expect("backend"),
         );
     }
+    (redis, b)
+}
+
+#[tokio::test]
+async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
+    let (_redis, b) = conformance_cluster().await;
     for req in ["2025-11-25", "2026-07-28"] {
         let total = conformance(&b[0].mcp(), req).await;
         assert!(
@@ -506,15 +512,7 @@ async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
 
 #[tokio::test]
 async fn official_conformance_suite_gives_the_same_totals_through_the_proxy_as_on_one_backend() {
-    let redis = Redis::start(false).await.expect("redis");
-    let mut b = Vec::new();
-    for name in ["a", "b", "c"] {
-        b.push(
-            Backend::start(name, Some(&redis.url()), &["--conformance"])
-                .await
-                .expect("backend"),
-        );
-    }
+    let (_redis, b) = conformance_cluster().await;
     let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
     for req in ["2025-11-25", "2026-07-28"] {
         let direct = conformance(&b[0].mcp(), req).await;
@@ -1103,6 +1101,38 @@ async fn persistence_pins_sessions_of_unshared_backends_and_404s_when_their_back
     assert_ne!(r["structuredContent"]["node"], home.as_str());
 }
 
+/// Calls `notify` through `url` and waits for its `resources/updated` on `stream`.
+async fn notify_reaches(
+    c: &McpClient,
+    url: &str,
+    id: i64,
+    stream: &mut tokio::sync::mpsc::UnboundedReceiver<tests::SseEvent>,
+    what: &str,
+) {
+    c.tool(url, id, "notify", json!({"message": what}))
+        .await
+        .expect("notify");
+    assert!(
+        next_matching(stream, WAIT, |m| m["method"]
+            == "notifications/resources/updated")
+        .await
+        .is_some(),
+        "{what}"
+    );
+}
+
+/// A sessionless `ping` POST through the proxy with one extra header.
+async fn ping(http: &reqwest::Client, proxy: &Proxy, header: (&str, &str)) -> reqwest::Response {
+    http.post(proxy.mcp())
+        .header(header.0, header.1)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
+        .send()
+        .await
+        .expect("ping through the proxy")
+}
+
 #[tokio::test]
 async fn session_hash_header_and_cookie_policies_reload_and_drain() {
     let (_redis, b) = cluster(3, false).await;
@@ -1136,16 +1166,14 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
         "session-hash keeps one session on one backend"
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
-    c.tool(&url, 40, "notify", json!({"message": "after reload"}))
-        .await
-        .expect("notify");
-    assert!(
-        next_matching(&mut stream, WAIT, |m| m["method"]
-            == "notifications/resources/updated")
-        .await
-        .is_some(),
-        "the SSE stream opened before the reload still delivers"
-    );
+    notify_reaches(
+        &c,
+        &url,
+        40,
+        &mut stream,
+        "the SSE stream opened before the reload still delivers",
+    )
+    .await;
 
     // Header affinity and sticky cookies, through the admin reload endpoint.
     proxy
@@ -1162,15 +1190,7 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
     let mut tenants = HashMap::new();
     for t in 0..12 {
         for _ in 0..2 {
-            let r = http
-                .post(proxy.base() + "/mcp")
-                .header("x-tenant", format!("tenant-{t}"))
-                .header("content-type", "application/json")
-                .header("accept", "application/json, text/event-stream")
-                .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
-                .send()
-                .await
-                .expect("post");
+            let r = ping(&http, &proxy, ("x-tenant", &format!("tenant-{t}"))).await;
             let backend = r.headers()["x-mcp-backend"]
                 .to_str()
                 .unwrap_or("-")
@@ -1189,14 +1209,7 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
         proxy.admin_post("/admin/reload").await.expect("reload").0,
         200
     );
-    let r = http
-        .post(proxy.base() + "/mcp")
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
-        .send()
-        .await
-        .expect("post");
+    let r = ping(&http, &proxy, ("x-none", "1")).await;
     let set = r.headers()["set-cookie"]
         .to_str()
         .unwrap_or_default()
@@ -1207,15 +1220,7 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
         .to_owned();
     assert!(set.starts_with(&format!("lb={backend};")), "{set}");
     for _ in 0..5 {
-        let r = http
-            .post(proxy.base() + "/mcp")
-            .header("cookie", format!("other=1; lb={backend}"))
-            .header("content-type", "application/json")
-            .header("accept", "application/json, text/event-stream")
-            .body(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)
-            .send()
-            .await
-            .expect("post");
+        let r = ping(&http, &proxy, ("cookie", &format!("other=1; lb={backend}"))).await;
         assert_eq!(
             r.headers()["x-mcp-backend"],
             backend.as_str(),
@@ -1268,16 +1273,14 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
             "a draining backend gets no new requests"
         );
     }
-    c.tool(&url, 70, "notify", json!({"message": "while draining"}))
-        .await
-        .expect("notify");
-    assert!(
-        next_matching(&mut stream, WAIT, |m| m["method"]
-            == "notifications/resources/updated")
-        .await
-        .is_some(),
-        "the stream on the draining backend finishes its life"
-    );
+    notify_reaches(
+        &c,
+        &url,
+        70,
+        &mut stream,
+        "the stream on the draining backend finishes its life",
+    )
+    .await;
     assert_eq!(
         proxy
             .admin_post(&format!("/admin/backends/{stream_backend}/undrain"))
@@ -1455,5 +1458,74 @@ async fn typescript_sdk_completes_sessions_through_the_proxy() {
                 "typescript: POSTs round-robined over the three replicas: {stdout}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn a_tls_listener_serves_mcp_with_the_configured_certificate() {
+    let backend = Backend::start("t", None, &[]).await.expect("backend");
+    let dir = tests::TempDir::new("tls");
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl");
+    assert!(
+        made.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let port = tests::free_port();
+    let config = dir.0.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "server: {{grace_period_seconds: 0, upgrade_sock: {d}/up.sock}}\nlisteners:\n  - address: 127.0.0.1:{port}\n    tls: {{certificate: {c}, key: {k}}}\npools: [{{name: p, backends: [{{address: \"{b}\"}}]}}]\n",
+            d = dir.0.display(),
+            c = cert.display(),
+            k = key.display(),
+            b = backend.address(),
+        ),
+    )
+    .expect("write config");
+    let _proxy = tokio::process::Command::new(tests::binary("mcp-proxy"))
+        .arg("-c")
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start mcp-proxy");
+    let url = format!("https://127.0.0.1:{port}/mcp");
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"tls","version":"1"}}}"#;
+    // The listener comes up asynchronously: retry until it answers.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let o = tokio::process::Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&cert)
+            .args(["-H", "content-type: application/json"])
+            .args(["-H", "accept: application/json, text/event-stream"])
+            .args(["-d", body, &url])
+            .output()
+            .await
+            .expect("run curl");
+        let out = String::from_utf8_lossy(&o.stdout);
+        if out.contains("\"serverInfo\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no initialize over TLS: {out}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
