@@ -4,9 +4,7 @@
 //! live traffic takes it down at once (see [`crate::pool::BackendState::connect_failed`]).
 //! The same loop also drops expired session pins and reloads on SIGHUP.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -25,7 +23,8 @@ pub struct HealthChecker {
     pub shared: Arc<Shared>,
 }
 
-fn http_check(h: &HealthConfig) -> pingora::Result<HttpHealthCheck> {
+/// The pingora check for one pool's `health_check` settings; [`crate::pool::Pool`] builds it.
+pub(crate) fn http_check(h: &HealthConfig) -> pingora::Result<HttpHealthCheck> {
     let mut hc = HttpHealthCheck::new(&h.host, false);
     let mut req = RequestHeader::build("GET", h.path.as_bytes(), None)?;
     req.insert_header("Host", &h.host)?;
@@ -48,10 +47,6 @@ impl BackgroundService for HealthChecker {
                 None
             }
         };
-        // Checkers per pool, rebuilt when a reload changes the snapshot.
-        let mut checkers: HashMap<String, Arc<HttpHealthCheck>> = HashMap::new();
-        let mut built_for: usize = 0;
-        let mut due: HashMap<(String, String), Instant> = HashMap::new();
         let mut last_sweep = Instant::now();
         loop {
             tokio::select! {
@@ -68,34 +63,16 @@ impl BackgroundService for HealthChecker {
                 _ = tokio::time::sleep(TICK) => {}
             }
             let snapshot = self.shared.snapshot();
-            let ptr = Arc::as_ptr(&snapshot) as usize;
-            if ptr != built_for {
-                checkers.clear();
-                for p in &snapshot.pools {
-                    match http_check(&p.config.health) {
-                        Ok(hc) => {
-                            checkers.insert(p.config.name.clone(), Arc::new(hc));
-                        }
-                        Err(e) => {
-                            tracing::error!(pool = %p.config.name, error = %e, "cannot build health check")
-                        }
-                    }
-                }
-                built_for = ptr;
-            }
             let now = Instant::now();
             for pool in &snapshot.pools {
-                let Some(hc) = checkers.get(&pool.config.name) else {
+                let Some(hc) = &pool.checker else {
                     continue;
                 };
                 let h = &pool.config.health;
                 for b in &pool.backends {
-                    let key = (pool.config.name.clone(), b.name.clone());
-                    let next = due.entry(key).or_insert(now);
-                    if *next > now || b.checking.swap(true, Ordering::AcqRel) {
+                    if !b.claim_check(now, h.interval) {
                         continue;
                     }
-                    *next = now + h.interval;
                     let (hc, b, shared) = (hc.clone(), b.clone(), self.shared.clone());
                     let (pool_name, timeout, rise, fall) = (
                         pool.config.name.clone(),
@@ -111,7 +88,7 @@ impl BackgroundService for HealthChecker {
                             Ok(Err(e)) => Err(e.to_string()),
                             Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
                         };
-                        b.checking.store(false, Ordering::Release);
+                        b.check_done();
                         let ok = result.is_ok();
                         let error = result.err();
                         if let Some(t) = b.observe(ok, rise, fall, error.clone()) {
@@ -124,7 +101,6 @@ impl BackgroundService for HealthChecker {
             if last_sweep.elapsed() > Duration::from_secs(5) {
                 self.shared.sessions.sweep();
                 self.shared.legacy.sweep();
-                due.retain(|(p, b), _| snapshot.pool(p).is_some_and(|p| p.find(b).is_some()));
                 last_sweep = Instant::now();
             }
         }

@@ -121,10 +121,9 @@ pub fn method_label(method: Option<&str>) -> &'static str {
 pub fn endpoint_session(stream_start: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(stream_start).ok()?;
     let normalized = text.replace("\r\n", "\n");
-    for event in normalized.split("\n\n") {
-        if !normalized.contains(&format!("{event}\n\n")) {
-            return None; // incomplete event
-        }
+    let mut events: Vec<&str> = normalized.split("\n\n").collect();
+    events.pop(); // what follows the last blank line: an event not yet complete
+    for event in events {
         let mut is_endpoint = false;
         let mut data = None;
         for line in event.lines() {

@@ -13,6 +13,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use pingora::lb::health_check::HttpHealthCheck;
+
 use crate::config::{BackendConfig, PoolConfig};
 
 /// One backend's live state. It outlives reloads: a backend that keeps its pool and address
@@ -31,7 +33,9 @@ pub struct BackendState {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
     pub active: AtomicI64,
-    pub checking: AtomicBool,
+    checking: AtomicBool,
+    /// When the next active check is due (`None`: at once).
+    next_check: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
 }
 
@@ -69,6 +73,7 @@ impl BackendState {
             failures: AtomicU64::new(0),
             active: AtomicI64::new(0),
             checking: AtomicBool::new(false),
+            next_check: Mutex::new(None),
             last_error: Mutex::new(None),
         }
     }
@@ -92,6 +97,23 @@ impl BackendState {
 
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Whether an active check is due at `now` and none is running; if so, claims it (the
+    /// caller runs it and calls [`Self::check_done`]) and schedules the next `interval` later.
+    pub fn claim_check(&self, now: Instant, interval: Duration) -> bool {
+        let Ok(mut next) = self.next_check.lock() else {
+            return false;
+        };
+        if next.is_some_and(|t| t > now) || self.checking.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        *next = Some(now + interval);
+        true
+    }
+
+    pub fn check_done(&self) {
+        self.checking.store(false, Ordering::Release);
     }
 
     /// Records one health observation; flips state after `rise` successes or `fall` failures
@@ -137,9 +159,11 @@ impl BackendState {
 }
 
 /// A pool as the current config has it.
-#[derive(Debug)]
 pub struct Pool {
     pub config: PoolConfig,
+    /// The active check of this pool's `health_check` settings (`None` if it cannot be built,
+    /// which is logged).
+    pub checker: Option<Arc<HttpHealthCheck>>,
     pub backends: Vec<Arc<BackendState>>,
     /// Weights from the config, by backend index (not in the state, so that a reload that only
     /// changes a weight keeps health, drain flag and counters).
@@ -155,6 +179,15 @@ pub enum Pick {
     Backend(usize),
     /// No backend in the pool can take the request.
     NoneAvailable,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("config", &self.config)
+            .field("backends", &self.backends)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Pool {
@@ -185,8 +218,16 @@ impl Pool {
                 }
             }
         }
+        let checker = match crate::health::http_check(&config.health) {
+            Ok(hc) => Some(Arc::new(hc)),
+            Err(e) => {
+                tracing::error!(pool = %config.name, error = %e, "cannot build health check");
+                None
+            }
+        };
         Self {
             config,
+            checker,
             backends,
             weights,
             order,

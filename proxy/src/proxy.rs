@@ -244,17 +244,26 @@ async fn respond(
     retry_after: Option<u64>,
 ) -> Result<()> {
     let body = mcp::error_body(ctx.peek.id.as_ref(), code, message);
+    ctx.status = status;
+    session.set_keepalive(None);
+    write_json(session, status, body, retry_after).await
+}
+
+/// Writes a whole JSON response the proxy answers itself.
+async fn write_json(
+    session: &mut Session,
+    status: u16,
+    body: Bytes,
+    retry_after: Option<u64>,
+) -> Result<()> {
     let mut resp = ResponseHeader::build(status, Some(4))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     if let Some(s) = retry_after {
         resp.insert_header(header::RETRY_AFTER, s.to_string())?;
     }
-    ctx.status = status;
-    session.set_keepalive(None);
     session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
+    session.write_response_body(Some(body), true).await
 }
 
 fn retry_after(pool: &Pool) -> u64 {
@@ -304,9 +313,8 @@ impl ProxyHttp for McpProxy {
         let snapshot = self.shared.snapshot();
         let pool = snapshot.pool_for_listener(self.listener).clone();
         ctx.pool = Some(pool.clone());
-        let limits = snapshot.config.limits.clone();
-        let trusted = snapshot.config.trusted_proxies.clone();
-        ctx.snapshot = Some(snapshot);
+        ctx.snapshot = Some(snapshot.clone());
+        let limits = &snapshot.config.limits;
 
         let req = session.req_header();
         let get = req.method == http::Method::GET;
@@ -323,16 +331,9 @@ impl ProxyHttp for McpProxy {
         };
 
         if get && path == "/health" {
-            let snapshot = self.shared.snapshot();
             let (status, body) = crate::admin::health(&snapshot);
-            let mut resp = ResponseHeader::build(status, Some(2))?;
-            resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-            resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
             ctx.status = status;
-            session.write_response_header(Box::new(resp), false).await?;
-            session
-                .write_response_body(Some(Bytes::from(body)), true)
-                .await?;
+            write_json(session, status, Bytes::from(body), None).await?;
             return Ok(true);
         }
 
@@ -444,7 +445,7 @@ impl ProxyHttp for McpProxy {
             .headers
             .get("x-forwarded-for")
             .and_then(|v| v.to_str().ok());
-        ctx.client_ip = client_ip(peer, xff, &trusted);
+        ctx.client_ip = client_ip(peer, xff, &snapshot.config.trusted_proxies);
 
         Ok(false)
     }
