@@ -617,7 +617,17 @@ impl McpClient {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let mut body = r.text().await?;
+        let from = headers
+            .get("x-mcp-backend")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned();
+        // A body cut off after the headers arrived keeps the status and serving backend in the
+        // error, so a test can tell which backend was answering.
+        let mut body = r
+            .text()
+            .await
+            .with_context(|| format!("reply cut off: status {status} from backend {from}"))?;
         let events = if is_sse {
             parse_sse(&mut body)
         } else {
