@@ -21,6 +21,7 @@ pub mod legacy;
 pub mod sessions;
 pub mod store;
 
+use axum::serve::ListenerExt;
 use std::{sync::Arc, time::Instant};
 
 use tokio::net::TcpListener;
@@ -68,6 +69,14 @@ pub async fn run(
     let node = node(config, stop.clone()).map_err(std::io::Error::other)?;
     let app = http::app(node);
     let serve_stop = stop.clone();
+    // Responses go out in several small writes (headers, SSE chunks). Without TCP_NODELAY,
+    // Nagle holds the last one until the client's delayed ACK: 40 ms per request on every
+    // kept-alive connection, the proxy's pooled ones included.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown.await;

@@ -75,14 +75,16 @@ struct EventRecord {
     retry_ms: Option<u64>,
 }
 
-fn encode_event(event: &ServerSseMessage) -> Result<String, serde_json::Error> {
+/// Encodes an SSE event for the event log (public for the micro benchmarks).
+pub fn encode_event(event: &ServerSseMessage) -> Result<String, serde_json::Error> {
     serde_json::to_string(&EventRecord {
         message: event.message.as_deref().cloned(),
         retry_ms: event.retry.map(|r| r.as_millis() as u64),
     })
 }
 
-fn decode_event(stream: &str, xid: &str, payload: &str) -> Option<ServerSseMessage> {
+/// Decodes a logged event back into the SSE event with its id `stream/xid`.
+pub fn decode_event(stream: &str, xid: &str, payload: &str) -> Option<ServerSseMessage> {
     let record: EventRecord = serde_json::from_str(payload)
         .inspect_err(|e| tracing::warn!(error = %e, "undecodable stored event skipped"))
         .ok()?;

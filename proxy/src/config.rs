@@ -45,6 +45,9 @@ pub mod defaults {
     pub const WRITE_MS: u64 = 30_000;
     pub const SSE_IDLE_MS: u64 = 600_000;
     pub const UPSTREAM_KEEPALIVE_MS: u64 = 60_000;
+    /// Idle upstream connections kept for reuse, per process. Pingora's own default (128) is
+    /// below the concurrency of a busy edge: past it every request opens a new connection.
+    pub const UPSTREAM_KEEPALIVE_POOL_SIZE: usize = 1024;
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
     pub const MAX_HEADER_BYTES: usize = 32 * 1024;
     pub const MAX_SESSION_ID_BYTES: usize = 256;
@@ -137,6 +140,7 @@ pub struct ServerFile {
     pub pid_file: String,
     pub access_log: bool,
     pub backend_header: bool,
+    pub upstream_keepalive_pool_size: usize,
 }
 
 impl Default for ServerFile {
@@ -150,6 +154,7 @@ impl Default for ServerFile {
             pid_file: defaults::PID_FILE.into(),
             access_log: true,
             backend_header: false,
+            upstream_keepalive_pool_size: defaults::UPSTREAM_KEEPALIVE_POOL_SIZE,
         }
     }
 }
@@ -353,6 +358,7 @@ pub struct ServerSettings {
     pub pid_file: String,
     pub access_log: bool,
     pub backend_header: bool,
+    pub upstream_keepalive_pool_size: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -590,6 +596,13 @@ impl FileConfig {
             Some(t) if (1..=1024).contains(&t) => t,
             Some(t) => return Err(invalid("server.threads", t, "must be between 1 and 1024")),
         };
+        if s.upstream_keepalive_pool_size > 1_000_000 {
+            return Err(invalid(
+                "server.upstream_keepalive_pool_size",
+                s.upstream_keepalive_pool_size,
+                "must be at most 1000000",
+            ));
+        }
         for (key, v) in [
             ("server.grace_period_seconds", s.grace_period_seconds),
             (
@@ -610,6 +623,7 @@ impl FileConfig {
             pid_file: s.pid_file,
             access_log: s.access_log,
             backend_header: s.backend_header,
+            upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         };
 
         if self.pools.is_empty() {

@@ -58,6 +58,7 @@ pub fn server(config: Config, options: StartOptions) -> Result<(Server, Arc<Shar
         pid_file: config.server.pid_file.clone(),
         // Attempts per request are bounded per pool (failover.max_retries <= 10) by the proxy.
         max_retries: 11,
+        upstream_keepalive_pool_size: config.server.upstream_keepalive_pool_size,
         ..ServerConf::default()
     };
     let opt = Opt {

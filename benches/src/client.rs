@@ -1,0 +1,238 @@
+//! bench-client: the two benchmark clients that wrk and oha cannot be.
+//!
+//! - `idle`: opens N SSE streams (`GET`, `Accept: text/event-stream`), waits for each one's first
+//!   event (so the stream is established end to end), prints one JSON line with the counts and
+//!   then holds every stream until its standard input closes. The harness reads the proxy's
+//!   memory while they are held.
+//! - `restore`: the cost of a session on a replica that never saw it. For each of N sessions it
+//!   initializes on one replica, then times a `ping` on another replica (which restores the
+//!   session from Redis) and a second `ping` there (cached), and prints the percentiles as JSON.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+#[derive(Parser)]
+#[command(about = "Benchmark clients for mcp-edge: idle SSE streams and session restore cost")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Open N SSE streams and hold them until stdin closes.
+    Idle {
+        /// host:port of the proxy (or upstream).
+        #[arg(long)]
+        addr: String,
+        #[arg(long, default_value = "/mcp?hold")]
+        path: String,
+        #[arg(long)]
+        count: usize,
+        /// Streams being opened at once.
+        #[arg(long, default_value_t = 100)]
+        concurrency: usize,
+    },
+    /// Time requests on a replica that never saw the session, against a cached session.
+    Restore {
+        /// MCP endpoint URLs of the replicas (at least 2), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<String>,
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    match Args::parse().command {
+        Command::Idle {
+            addr,
+            path,
+            count,
+            concurrency,
+        } => idle(&addr, &path, count, concurrency).await,
+        Command::Restore { replicas, sessions } => restore(&replicas, sessions).await,
+    }
+}
+
+async fn idle(addr: &str, path: &str, count: usize, concurrency: usize) -> Result<()> {
+    let gate = std::sync::Arc::new(Semaphore::new(concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(count);
+    let started = Instant::now();
+    for _ in 0..count {
+        let gate = gate.clone();
+        let (addr, path) = (addr.to_owned(), path.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            tokio::time::timeout(Duration::from_secs(20), open_stream(&addr, &path))
+                .await
+                .map_err(|_| anyhow!("timed out"))?
+        }));
+    }
+    let mut streams = Vec::with_capacity(count);
+    let mut errors = 0usize;
+    let mut first_error = None;
+    for t in tasks {
+        match t.await.map_err(|e| anyhow!("{e}")).and_then(|r| r) {
+            Ok(s) => streams.push(s),
+            Err(e) => {
+                errors += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    println!(
+        "{}",
+        json!({"opened": streams.len(), "errors": errors, "first_error": first_error,
+               "open_ms": started.elapsed().as_millis() as u64})
+    );
+    // Hold until the harness closes stdin.
+    let mut sink = Vec::new();
+    let _ = tokio::io::stdin().read_to_end(&mut sink).await;
+    drop(streams);
+    Ok(())
+}
+
+/// Sends the GET and reads up to the end of the first event.
+async fn open_stream(addr: &str, path: &str) -> Result<TcpStream> {
+    let mut tcp = TcpStream::connect(addr).await.context("connect")?;
+    tcp.write_all(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nMcp-Protocol-Version: 2025-11-25\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut reader = BufReader::new(&mut tcp);
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    if !line.starts_with("HTTP/1.1 200") {
+        bail!("status line {:?}", line.trim_end());
+    }
+    // Headers, then the chunked or close-delimited body up to the first blank line of an event.
+    let mut in_body = false;
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).await? == 0 {
+            bail!("stream closed before its first event");
+        }
+        if !in_body {
+            in_body = line == "\r\n";
+        } else if line.starts_with("data:") {
+            break;
+        }
+    }
+    Ok(tcp)
+}
+
+async fn restore(replicas: &[String], sessions: usize) -> Result<()> {
+    if replicas.len() < 2 {
+        bail!("--replicas needs at least two URLs");
+    }
+    let http = reqwest::Client::new();
+    let mut fresh = Vec::with_capacity(sessions);
+    let mut cached = Vec::with_capacity(sessions);
+    for i in 0..sessions {
+        let home = &replicas[i % replicas.len()];
+        let other = &replicas[(i + 1) % replicas.len()];
+        let session = initialize(&http, home).await?;
+        let t = Instant::now();
+        ping(&http, other, &session, 2).await?;
+        fresh.push(t.elapsed());
+        let t = Instant::now();
+        ping(&http, other, &session, 3).await?;
+        cached.push(t.elapsed());
+    }
+    let (f50, f99) = percentiles(&mut fresh);
+    let (c50, c99) = percentiles(&mut cached);
+    println!(
+        "{}",
+        json!({"sessions": sessions,
+               "fresh_p50_us": f50, "fresh_p99_us": f99,
+               "cached_p50_us": c50, "cached_p99_us": c99})
+    );
+    Ok(())
+}
+
+fn percentiles(samples: &mut [Duration]) -> (u64, u64) {
+    samples.sort();
+    let at = |q: f64| {
+        let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i].as_micros() as u64
+    };
+    (at(0.50), at(0.99))
+}
+
+async fn post(
+    http: &reqwest::Client,
+    url: &str,
+    session: Option<&str>,
+    body: Value,
+) -> Result<reqwest::Response> {
+    let mut r = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2025-11-25")
+        .body(body.to_string());
+    if let Some(s) = session {
+        r = r.header("mcp-session-id", s);
+    }
+    let r = r.send().await?;
+    if !r.status().is_success() {
+        bail!("{url}: status {}", r.status());
+    }
+    Ok(r)
+}
+
+async fn initialize(http: &reqwest::Client, url: &str) -> Result<String> {
+    let r = post(
+        http,
+        url,
+        None,
+        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-11-25", "capabilities": {},
+            "clientInfo": {"name": "bench-client", "version": "1"}}}),
+    )
+    .await?;
+    let session = r
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .context("initialize answered without Mcp-Session-Id")?
+        .to_owned();
+    r.text().await?;
+    post(
+        http,
+        url,
+        Some(&session),
+        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+    )
+    .await?
+    .text()
+    .await?;
+    Ok(session)
+}
+
+async fn ping(http: &reqwest::Client, url: &str, session: &str, id: u64) -> Result<()> {
+    let body = post(
+        http,
+        url,
+        Some(session),
+        json!({"jsonrpc": "2.0", "id": id, "method": "ping"}),
+    )
+    .await?
+    .text()
+    .await?;
+    if !body.contains("\"result\"") {
+        bail!("{url}: ping answered {body:?}");
+    }
+    Ok(())
+}
