@@ -2,6 +2,9 @@
 //! MCP header and body parsing in the proxy, and the backend's session record and event codec.
 //! `cargo bench -p benches` runs them; the load benchmarks are `benches/run`.
 
+// Fixed inputs built at start: a benchmark whose fixture does not build must stop loudly.
+#![allow(clippy::expect_used)]
+
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
