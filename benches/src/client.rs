@@ -7,12 +7,17 @@
 //! - `restore`: the cost of a session on a replica that never saw it. For each of N sessions it
 //!   initializes on one replica, then times a `ping` on another replica (which restores the
 //!   session from Redis) and a second `ping` there (cached), and prints the percentiles as JSON.
+//! - `sessions`: initializes N sessions round-robin over the replicas and prints their ids, one
+//!   per line (the harness's `tools/call` load uses them).
+//!
+//! The MCP handshake and requests are the integration harness's `McpClient`.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use serde_json::{Value, json};
+use serde_json::json;
+use tests::McpClient;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
@@ -44,8 +49,16 @@ enum Command {
         /// MCP endpoint URLs of the replicas (at least 2), comma-separated.
         #[arg(long, value_delimiter = ',')]
         replicas: Vec<String>,
-        #[arg(long, default_value_t = 200)]
-        sessions: usize,
+        #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+        sessions: u64,
+    },
+    /// Initialize N sessions round-robin over the replicas and print their ids.
+    Sessions {
+        /// MCP endpoint URLs of the replicas, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<String>,
+        #[arg(long)]
+        count: usize,
     },
 }
 
@@ -58,7 +71,15 @@ async fn main() -> Result<()> {
             count,
             concurrency,
         } => idle(&addr, &path, count, concurrency).await,
-        Command::Restore { replicas, sessions } => restore(&replicas, sessions).await,
+        Command::Restore { replicas, sessions } => restore(&replicas, sessions as usize).await,
+        Command::Sessions { replicas, count } => {
+            let http = reqwest::Client::new();
+            for i in 0..count {
+                let c = session_on(&http, &replicas[i % replicas.len()]).await?;
+                println!("{}", c.session.unwrap_or_default());
+            }
+            Ok(())
+        }
     }
 }
 
@@ -142,12 +163,12 @@ async fn restore(replicas: &[String], sessions: usize) -> Result<()> {
     for i in 0..sessions {
         let home = &replicas[i % replicas.len()];
         let other = &replicas[(i + 1) % replicas.len()];
-        let session = initialize(&http, home).await?;
+        let c = session_on(&http, home).await?;
         let t = Instant::now();
-        ping(&http, other, &session, 2).await?;
+        ping(&c, other, 2).await?;
         fresh.push(t.elapsed());
         let t = Instant::now();
-        ping(&http, other, &session, 3).await?;
+        ping(&c, other, 3).await?;
         cached.push(t.elapsed());
     }
     let (f50, f99) = percentiles(&mut fresh);
@@ -161,6 +182,26 @@ async fn restore(replicas: &[String], sessions: usize) -> Result<()> {
     Ok(())
 }
 
+/// A client with a session initialized on `url`, sharing `http`'s connections.
+async fn session_on(http: &reqwest::Client, url: &str) -> Result<McpClient> {
+    let mut c = McpClient {
+        http: http.clone(),
+        ..McpClient::new()
+    };
+    c.initialize(url, json!({}))
+        .await
+        .with_context(|| format!("initialize on {url}"))?;
+    Ok(c)
+}
+
+async fn ping(c: &McpClient, url: &str, id: i64) -> Result<()> {
+    c.call(url, id, "ping", json!({}))
+        .await?
+        .result(id)
+        .with_context(|| format!("ping on {url}"))?;
+    Ok(())
+}
+
 fn percentiles(samples: &mut [Duration]) -> (u64, u64) {
     samples.sort();
     let at = |q: f64| {
@@ -168,71 +209,4 @@ fn percentiles(samples: &mut [Duration]) -> (u64, u64) {
         samples[i].as_micros() as u64
     };
     (at(0.50), at(0.99))
-}
-
-async fn post(
-    http: &reqwest::Client,
-    url: &str,
-    session: Option<&str>,
-    body: Value,
-) -> Result<reqwest::Response> {
-    let mut r = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2025-11-25")
-        .body(body.to_string());
-    if let Some(s) = session {
-        r = r.header("mcp-session-id", s);
-    }
-    let r = r.send().await?;
-    if !r.status().is_success() {
-        bail!("{url}: status {}", r.status());
-    }
-    Ok(r)
-}
-
-async fn initialize(http: &reqwest::Client, url: &str) -> Result<String> {
-    let r = post(
-        http,
-        url,
-        None,
-        json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
-            "protocolVersion": "2025-11-25", "capabilities": {},
-            "clientInfo": {"name": "bench-client", "version": "1"}}}),
-    )
-    .await?;
-    let session = r
-        .headers()
-        .get("mcp-session-id")
-        .and_then(|v| v.to_str().ok())
-        .context("initialize answered without Mcp-Session-Id")?
-        .to_owned();
-    r.text().await?;
-    post(
-        http,
-        url,
-        Some(&session),
-        json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
-    )
-    .await?
-    .text()
-    .await?;
-    Ok(session)
-}
-
-async fn ping(http: &reqwest::Client, url: &str, session: &str, id: u64) -> Result<()> {
-    let body = post(
-        http,
-        url,
-        Some(session),
-        json!({"jsonrpc": "2.0", "id": id, "method": "ping"}),
-    )
-    .await?
-    .text()
-    .await?;
-    if !body.contains("\"result\"") {
-        bail!("{url}: ping answered {body:?}");
-    }
-    Ok(())
 }

@@ -536,7 +536,21 @@ pub struct Reply {
     pub body: String,
 }
 
+/// The backend that answered, from the proxy's `X-MCP-Backend` header ("-" without one).
+fn backend_of(headers: &reqwest::header::HeaderMap) -> String {
+    headers
+        .get("x-mcp-backend")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
+}
+
 impl Reply {
+    /// The backend that served this reply (`X-MCP-Backend`), "-" when the proxy did not say.
+    pub fn served_by(&self) -> String {
+        backend_of(&self.headers)
+    }
+
     /// The JSON-RPC messages of the reply (one JSON body, or every SSE event with data).
     pub fn messages(&self) -> Vec<Value> {
         if self.events.is_empty() {
@@ -617,17 +631,14 @@ impl McpClient {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
-        let from = headers
-            .get("x-mcp-backend")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned();
         // A body cut off after the headers arrived keeps the status and serving backend in the
         // error, so a test can tell which backend was answering.
-        let mut body = r
-            .text()
-            .await
-            .with_context(|| format!("reply cut off: status {status} from backend {from}"))?;
+        let mut body = r.text().await.with_context(|| {
+            format!(
+                "reply cut off: status {status} from backend {}",
+                backend_of(&headers)
+            )
+        })?;
         let events = if is_sse {
             parse_sse(&mut body)
         } else {

@@ -592,16 +592,6 @@ fn addrs(b: &[Backend]) -> Vec<String> {
     b.iter().map(Backend::address).collect()
 }
 
-/// Which backend answered (the proxy's `X-MCP-Backend`, on in test configs).
-fn served_by(reply: &tests::Reply) -> String {
-    reply
-        .headers
-        .get("x-mcp-backend")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("-")
-        .to_owned()
-}
-
 async fn wait_health(proxy: &Proxy, backend: &Backend, healthy: bool) -> Duration {
     let start = Instant::now();
     assert_eventually!(
@@ -676,7 +666,7 @@ async fn through_the_proxy_a_session_spreads_over_three_replicas_and_survives_a_
             .await
             .expect("tools/list");
         assert_eq!(r.status, 200);
-        *share.entry(served_by(&r)).or_default() += 1;
+        *share.entry(r.served_by()).or_default() += 1;
     }
     for x in &b {
         let n = share.get(&x.address()).copied().unwrap_or(0);
@@ -866,7 +856,7 @@ async fn a_killed_backend_costs_no_request_that_had_not_reached_it() {
                 };
                 match reply {
                     Ok(r) if r.status == 200 && r.result(id).is_ok() => {
-                        log.push((method, true, served_by(&r)))
+                        log.push((method, true, r.served_by()))
                     }
                     Ok(r) => log.push((method, false, format!("{} {}", r.status, r.body))),
                     Err(e) => log.push((method, false, format!("{e:#}"))),
@@ -929,7 +919,7 @@ async fn a_killed_backend_costs_no_request_that_had_not_reached_it() {
             .call(&url, 900 + i, "tools/list", json!({}))
             .await
             .expect("after restart");
-        nodes.insert(served_by(&r));
+        nodes.insert(r.served_by());
     }
     assert_eq!(nodes.len(), 3, "all three backends serve again: {nodes:?}");
 }
@@ -1164,7 +1154,7 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
             .call(&url, 30 + i, "tools/list", json!({}))
             .await
             .expect("call");
-        by_session.insert(served_by(&r));
+        by_session.insert(r.served_by());
     }
     assert_eq!(
         by_session.len(),
@@ -1274,7 +1264,7 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
             .await
             .expect("call");
         assert_ne!(
-            served_by(&r),
+            r.served_by(),
             stream_backend,
             "a draining backend gets no new requests"
         );
