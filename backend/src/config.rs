@@ -26,6 +26,14 @@ pub const DEFAULT_SSE_KEEP_ALIVE_SECONDS: u64 = 15;
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
 /// Hosts accepted in `Host` by default: loopback only (DNS-rebinding protection).
 pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
+/// How far the time in a principal signature may be from this replica's clock.
+pub const DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS: u64 = 300;
+/// Live sessions one principal may hold (0: unlimited). Anonymous sessions are not counted.
+pub const DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: u64 = 100;
+/// Shortest accepted `principal_secret` (HMAC-SHA256 key): 32 bytes.
+pub const MIN_PRINCIPAL_SECRET_BYTES: usize = 32;
+/// Shortest accepted `operations_token`.
+pub const MIN_OPERATIONS_TOKEN_LEN: usize = 16;
 
 /// A configuration that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +54,36 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    /// A secret is invalid: the error names the key, never the value.
+    #[error("invalid value for `{key}` (value not shown): {reason}")]
+    InvalidSecret {
+        key: &'static str,
+        reason: &'static str,
+    },
+}
+
+/// A secret from the file or the environment. `Debug` never shows it, so neither does
+/// `--test`, a log line or a panic message.
+/// No `PartialEq`: compare secrets in constant time where they are used.
+#[derive(Clone, serde::Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret's bytes, for the one place that uses it.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
@@ -83,6 +121,11 @@ pub struct FileConfig {
     pub redis_timeout_ms: Option<u64>,
     pub conformance: Option<bool>,
     pub log_format: Option<LogFormat>,
+    pub operations_token: Option<Secret>,
+    pub principal_secret: Option<Secret>,
+    pub principal_max_skew_seconds: Option<u64>,
+    pub require_principal: Option<bool>,
+    pub max_sessions_per_principal: Option<u64>,
 }
 
 /// The validated runtime configuration.
@@ -105,6 +148,16 @@ pub struct Config {
     /// Serve the fixture tools, resources and prompts of the official conformance suite.
     pub conformance: bool,
     pub log_format: LogFormat,
+    /// Bearer token of `GET /sessions` and `DELETE /sessions/{id}`; `None`: both answer 404.
+    pub operations_token: Option<Secret>,
+    /// HMAC key of the principal headers from the proxy; `None`: they are ignored and every
+    /// caller is anonymous (see [`crate::principal`]).
+    pub principal_secret: Option<Secret>,
+    pub principal_max_skew: Duration,
+    /// Refuse MCP requests without a principal (only ever set with a `principal_secret`).
+    pub require_principal: bool,
+    /// Live sessions per principal; 0: unlimited.
+    pub max_sessions_per_principal: u64,
 }
 
 impl Default for Config {
@@ -139,7 +192,7 @@ impl FileConfig {
     }
 
     /// Overlays the documented environment variables (`NODE_ID`, `HOST`, `PORT`, `REDIS_URL`,
-    /// `SESSION_TTL_SECONDS`) read through `get`.
+    /// `SESSION_TTL_SECONDS`, `MCP_OPERATIONS_TOKEN`, `MCP_PRINCIPAL_SECRET`) read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = get("NODE_ID") {
@@ -161,6 +214,13 @@ impl FileConfig {
             self.session_ttl_seconds = Some(v.parse().map_err(|_| {
                 invalid("SESSION_TTL_SECONDS", &v, "not a whole number of seconds")
             })?);
+        }
+        // Secrets are better kept out of files: these two are meant to come from here.
+        if let Some(v) = get("MCP_OPERATIONS_TOKEN") {
+            self.operations_token = Some(Secret(v));
+        }
+        if let Some(v) = get("MCP_PRINCIPAL_SECRET") {
+            self.principal_secret = Some(Secret(v));
         }
         Ok(())
     }
@@ -266,6 +326,53 @@ impl FileConfig {
                 "must be between 10 and 60000",
             ));
         }
+        let operations_token = match self.operations_token {
+            Some(Secret(t)) if t.is_empty() => None,
+            Some(Secret(t)) => {
+                if t.len() < MIN_OPERATIONS_TOKEN_LEN
+                    || t.len() > 1024
+                    || !t.bytes().all(|b| b.is_ascii_graphic())
+                {
+                    return Err(ConfigError::InvalidSecret {
+                        key: "operations_token",
+                        reason: "must be 16 to 1024 visible ASCII characters",
+                    });
+                }
+                Some(Secret(t))
+            }
+            None => None,
+        };
+        let principal_secret = match self.principal_secret {
+            Some(Secret(s)) if s.is_empty() => None,
+            Some(Secret(s)) => {
+                if s.len() < MIN_PRINCIPAL_SECRET_BYTES || s.len() > 1024 {
+                    return Err(ConfigError::InvalidSecret {
+                        key: "principal_secret",
+                        reason: "must be 32 to 1024 bytes",
+                    });
+                }
+                Some(Secret(s))
+            }
+            None => None,
+        };
+        let skew = self
+            .principal_max_skew_seconds
+            .unwrap_or(DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS);
+        if skew == 0 || skew > 3600 {
+            return Err(invalid(
+                "principal_max_skew_seconds",
+                skew,
+                "must be between 1 and 3600",
+            ));
+        }
+        let require_principal = self.require_principal.unwrap_or(false);
+        if require_principal && principal_secret.is_none() {
+            return Err(invalid(
+                "require_principal",
+                true,
+                "needs principal_secret (or MCP_PRINCIPAL_SECRET) to verify principals",
+            ));
+        }
         Ok(Config {
             node_id,
             listen: SocketAddr::new(ip, port),
@@ -280,6 +387,13 @@ impl FileConfig {
             redis_timeout: Duration::from_millis(redis_timeout_ms),
             conformance: self.conformance.unwrap_or(false),
             log_format: self.log_format.unwrap_or_default(),
+            operations_token,
+            principal_secret,
+            principal_max_skew: Duration::from_secs(skew),
+            require_principal,
+            max_sessions_per_principal: self
+                .max_sessions_per_principal
+                .unwrap_or(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL),
         })
     }
 }
@@ -310,6 +424,82 @@ mod tests {
         assert_eq!(c.key_prefix, "mcp:");
         assert!(c.redis_url.is_none(), "no Redis unless configured");
         assert!(c.node_id.starts_with("node-"), "node id is generated");
+        assert!(
+            c.operations_token.is_none(),
+            "operations endpoints off by default"
+        );
+        assert!(
+            c.principal_secret.is_none(),
+            "principal headers ignored by default"
+        );
+        assert!(!c.require_principal);
+        assert_eq!(c.principal_max_skew, Duration::from_secs(300));
+        assert_eq!(c.max_sessions_per_principal, 100);
+    }
+
+    #[test]
+    fn secrets_come_from_env_and_are_never_shown() {
+        let token = "ops-token-0123456789";
+        let secret = "principal-secret-0123456789abcdef-xyz";
+        let mut f = FileConfig::default();
+        let env = |k: &str| match k {
+            "MCP_OPERATIONS_TOKEN" => Some(token.to_owned()),
+            "MCP_PRINCIPAL_SECRET" => Some(secret.to_owned()),
+            _ => None,
+        };
+        assert!(f.apply_env(env).is_ok());
+        let Ok(c) = f.validate() else { panic!("valid") };
+        assert_eq!(
+            c.operations_token.as_ref().map(Secret::expose),
+            Some(token.as_bytes())
+        );
+        assert_eq!(
+            c.principal_secret.as_ref().map(Secret::expose),
+            Some(secret.as_bytes())
+        );
+        let shown = format!("{c:?} {c:#?}");
+        assert!(
+            !shown.contains(token) && !shown.contains(secret),
+            "Debug (and so --test) must not print secrets: {shown}"
+        );
+    }
+
+    #[test]
+    fn bad_secrets_name_the_key_but_not_the_value() {
+        for (yaml, key, value) in [
+            (
+                "principal_secret: short-secret-31-bytes-long-xxxx",
+                "principal_secret",
+                "short-secret-31-bytes-long-xxxx",
+            ),
+            (
+                "operations_token: short-token",
+                "operations_token",
+                "short-token",
+            ),
+            (
+                "operations_token: \"with space in the token\"",
+                "operations_token",
+                "with space",
+            ),
+        ] {
+            let e = err(yaml);
+            assert!(e.contains(key), "error for {yaml:?} must name the key: {e}");
+            assert!(
+                !e.contains(value),
+                "error for {yaml:?} must not echo the secret: {e}"
+            );
+        }
+        let e = err("require_principal: true");
+        assert!(
+            e.contains("require_principal") && e.contains("principal_secret"),
+            "requiring principals without a secret is an error: {e}"
+        );
+        let e = err("principal_max_skew_seconds: 0");
+        assert!(
+            e.contains("principal_max_skew_seconds") && e.contains('0'),
+            "{e}"
+        );
     }
 
     #[test]
@@ -403,5 +593,15 @@ mod conf_files {
         assert_eq!(shipped.allowed_hosts, default.allowed_hosts);
         assert_eq!(shipped.max_body_bytes, default.max_body_bytes);
         assert_eq!(shipped.event_log_max_len, default.event_log_max_len);
+        assert!(
+            shipped.operations_token.is_none() && shipped.principal_secret.is_none(),
+            "the shipped file sets no secret"
+        );
+        assert_eq!(shipped.principal_max_skew, default.principal_max_skew);
+        assert_eq!(shipped.require_principal, default.require_principal);
+        assert_eq!(
+            shipped.max_sessions_per_principal,
+            default.max_sessions_per_principal
+        );
     }
 }

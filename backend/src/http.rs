@@ -8,11 +8,22 @@
 //! - malformed JSON is 400 with JSON-RPC -32700 (rmcp says 415), an invalid message -32600;
 //! - `DELETE` removes the shared record first and answers 200 (rmcp answers 202, which the
 //!   Python SDK client logs as a failure);
-//! - `Host` and `Origin` are checked once here, for `/mcp` and the legacy routes alike.
+//! - `Host` and `Origin` are checked once here, for `/mcp` and the legacy routes alike;
+//! - the caller's principal is verified here (see [`crate::principal`]) and every request that
+//!   names a session must come from the session's owner: another principal's session answers
+//!   exactly as an unknown one (404, same body), so ids cannot be probed;
+//! - a principal's new sessions are bound to it before the client learns their id, within
+//!   `max_sessions_per_principal` (429 with `Retry-After` beyond).
+//!
+//! `GET /sessions` and `DELETE /sessions/{id}` need `Authorization: Bearer
+//! <operations_token>`; without a configured token they do not exist (404).
 // A ready error response is the natural error type of these request checks.
 #![allow(clippy::result_large_err)]
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use axum::{
     Json, Router,
@@ -29,19 +40,24 @@ use rmcp::{
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::{
     Node,
     handler::{Handler, VERSION},
     legacy,
+    principal::{self, Caller, PrincipalError, Verifier},
     sessions::{RecordStore, ReplicaSessions},
-    store::{StoreError, now_ms},
+    store::{Access, Admission, StoreError, now_ms},
 };
 
 /// Longest session id accepted (ours are 32 hex characters).
 pub const MAX_SESSION_ID_LEN: usize = 128;
 /// `Retry-After` seconds sent with 503.
 const RETRY_AFTER_SECONDS: &str = "1";
+/// JSON-RPC error code of a refused `initialize` beyond `max_sessions_per_principal`.
+pub const TOO_MANY_SESSIONS: i32 = -32000;
 
 /// State shared by the routes.
 #[derive(Clone)]
@@ -49,6 +65,8 @@ pub struct AppState {
     pub node: Arc<Node>,
     pub sessions: Arc<ReplicaSessions>,
     pub legacy: Arc<legacy::LegacySessions>,
+    /// `None`: no `principal_secret`, every caller is anonymous.
+    pub principals: Option<Arc<Verifier>>,
 }
 
 /// The whole HTTP application of one replica.
@@ -71,6 +89,7 @@ pub fn app(node: Arc<Node>) -> Router {
     );
     let state = AppState {
         legacy: legacy::LegacySessions::new(node.clone(), sessions.clone()),
+        principals: Verifier::from_config(&node.config).map(Arc::new),
         node,
         sessions,
     };
@@ -79,10 +98,16 @@ pub fn app(node: Arc<Node>) -> Router {
         .route("/sse", get(legacy::open_stream))
         .route("/messages", post(legacy::post_message))
         .route_layer(middleware::from_fn_with_state(state.clone(), guard));
-    Router::new()
-        .route("/health", get(health))
+    let operations = Router::new()
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", delete(delete_session_route))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            operations_auth,
+        ));
+    Router::new()
+        .route("/health", get(health))
+        .merge(operations)
         .merge(mcp_routes)
         .with_state(state)
 }
@@ -120,9 +145,38 @@ pub fn unavailable(e: &StoreError) -> Response {
     )
 }
 
-/// 404 for a session that does not exist (anymore): the client re-initializes.
+/// 404 for a session that does not exist (anymore): the client re-initializes. Also the
+/// answer for another principal's session, byte for byte.
 pub fn session_not_found() -> Response {
     rpc_error(StatusCode::NOT_FOUND, -32001, "session not found", None)
+}
+
+/// The 404 for a live session named by someone who does not own it, logged as a security
+/// event (short ids only: a full session id is a credential).
+pub fn foreign_session(id: &str, caller: &Caller) -> Response {
+    tracing::warn!(
+        target: "security",
+        session = short_id(id),
+        principal = caller.owner().map(short_id).unwrap_or("anonymous"),
+        "session used by another principal"
+    );
+    session_not_found()
+}
+
+/// 429 for a principal at `max_sessions_per_principal`; `retry_after`: until its oldest
+/// session expires.
+pub fn too_many_sessions(limit: u64, retry_after: Duration, id: Option<Value>) -> Response {
+    let mut response = rpc_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        TOO_MANY_SESSIONS,
+        format!("too many sessions for this principal (max_sessions_per_principal: {limit})"),
+        id,
+    );
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+    response
 }
 
 /// Session ids are visible ASCII (0x21-0x7E) and bounded.
@@ -198,13 +252,15 @@ fn session_header(headers: &HeaderMap) -> Result<Option<String>, Response> {
     }
 }
 
-/// Classifies a POST body: `Ok(is_initialize)` or the error response.
-fn check_body(body: &[u8]) -> Result<bool, Response> {
+/// Classifies a POST body: `Ok(Some(request id))` for `initialize`, `Ok(None)` for any other
+/// message, or the error response.
+fn check_body(body: &[u8]) -> Result<Option<Value>, Response> {
     match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
         Ok(ClientJsonRpcMessage::Request(r)) => {
-            Ok(matches!(r.request, ClientRequest::InitializeRequest(_)))
+            Ok(matches!(r.request, ClientRequest::InitializeRequest(_))
+                .then(|| serde_json::to_value(&r.id).unwrap_or(Value::Null)))
         }
-        Ok(_) => Ok(false),
+        Ok(_) => Ok(None),
         Err(e) if e.is_syntax() || e.is_eof() => Err(rpc_error(
             StatusCode::BAD_REQUEST,
             -32700,
@@ -225,6 +281,35 @@ fn check_body(body: &[u8]) -> Result<bool, Response> {
     }
 }
 
+/// Unix seconds now, for signature times.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// The verified caller of a request, or the 401 that refuses it.
+fn verify_caller(state: &AppState, headers: &HeaderMap) -> Result<Caller, Response> {
+    principal::caller(state.principals.as_deref(), headers, unix_now()).map_err(|e| {
+        tracing::warn!(target: "security", reason = %e, "principal refused");
+        let message = match e {
+            PrincipalError::Missing => "principal required",
+            _ => "invalid principal signature",
+        };
+        rpc_error(StatusCode::UNAUTHORIZED, -32600, message, None)
+    })
+}
+
+/// The `sessionId` a `POST /messages` names, if it is well formed (the route answers 400
+/// otherwise).
+fn legacy_session(uri: &http::Uri) -> Option<String> {
+    Query::<legacy::MessageQuery>::try_from_uri(uri)
+        .ok()
+        .and_then(|q| q.0.session_id)
+        .filter(|id| valid_session_id(id))
+}
+
 async fn guard(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let config = &state.node.config;
     if !host_allowed(&config.allowed_hosts, request.headers()) {
@@ -238,16 +323,28 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
     if !origin_allowed(&config.allowed_origins, request.headers()) {
         return rpc_error(StatusCode::FORBIDDEN, -32600, "Origin is not allowed", None);
     }
-    let is_mcp = request.uri().path() == "/mcp";
-    let session = match session_header(request.headers()) {
-        Ok(s) => s,
+    let caller = match verify_caller(&state, request.headers()) {
+        Ok(c) => c,
         Err(r) => return r,
     };
+    let is_mcp = request.uri().path() == "/mcp";
+    let session = if is_mcp {
+        match session_header(request.headers()) {
+            Ok(s) => s,
+            Err(r) => return r,
+        }
+    } else if request.uri().path() == "/messages" {
+        legacy_session(request.uri())
+    } else {
+        None
+    };
     if is_mcp && request.method() == Method::DELETE {
-        return delete_mcp(&state, request.headers(), session).await;
+        return delete_mcp(&state, request.headers(), session, &caller).await;
     }
-    let (parts, body) = request.into_parts();
-    let mut initialize = false;
+    let (mut parts, body) = request.into_parts();
+    principal::strip(&mut parts.headers);
+    parts.extensions.insert(caller.clone());
+    let mut initialize = None;
     let body = if parts.method == Method::POST {
         let bytes = match axum::body::to_bytes(body, config.max_body_bytes).await {
             Ok(b) => b,
@@ -275,24 +372,97 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
     } else {
         body
     };
-    if is_mcp {
-        if let Some(id) = &session {
-            match state.node.store.touch(id).await {
-                Ok(true) => {}
-                Ok(false) => {
-                    state.sessions.drop_local(id).await;
-                    return session_not_found();
-                }
-                Err(e) => return unavailable(&e),
+    if let Some(id) = &session {
+        // One round trip: the session exists, is the caller's, and its TTL slides.
+        match state.node.store.touch(id, caller.owner()).await {
+            Ok(Access::Granted) => {}
+            Ok(Access::NotFound) => {
+                state.sessions.drop_local(id).await;
+                return session_not_found();
             }
-        } else if initialize && let Err(e) = state.node.store.ping().await {
-            return unavailable(&e);
+            Ok(Access::OtherOwner) => return foreign_session(id, &caller),
+            Err(e) => return unavailable(&e),
         }
+        if is_mcp && initialize.is_some() {
+            // rmcp would hand this `initialize` to the live session: a session id is never
+            // chosen by the client.
+            return rpc_error(
+                StatusCode::BAD_REQUEST,
+                -32600,
+                "initialize starts a new session: send it without Mcp-Session-Id",
+                initialize,
+            );
+        }
+    } else if is_mcp && let Some(request_id) = initialize {
+        return open_session(
+            &state,
+            &caller,
+            request_id,
+            Request::from_parts(parts, body),
+            next,
+        )
+        .await;
     }
     next.run(Request::from_parts(parts, body)).await
 }
 
-async fn delete_mcp(state: &AppState, headers: &HeaderMap, session: Option<String>) -> Response {
+/// A Streamable HTTP `initialize`: admitted within the caller's session limit, run by rmcp
+/// (which writes the session record), then bound to the caller before the response, the only
+/// place the new id appears, leaves this function.
+async fn open_session(
+    state: &AppState,
+    caller: &Caller,
+    request_id: Value,
+    request: Request,
+    next: Next,
+) -> Response {
+    let store = &state.node.store;
+    let limit = state.node.config.max_sessions_per_principal;
+    match store.admit(caller.owner(), limit).await {
+        Ok(Admission::Admitted | Admission::Missing) => {}
+        Ok(Admission::Full { retry_after }) => {
+            return too_many_sessions(limit, retry_after, Some(request_id));
+        }
+        Err(e) => return unavailable(&e),
+    }
+    let response = next.run(request).await;
+    let Some(owner) = caller.owner() else {
+        return response;
+    };
+    let Some(id) = response
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+    else {
+        return response;
+    };
+    let refused = match store.claim(&id, Some(owner), limit, false).await {
+        Ok(Admission::Admitted) => return response,
+        // Concurrent initializes of one principal passed `admit` together.
+        Ok(Admission::Full { retry_after }) => {
+            too_many_sessions(limit, retry_after, Some(request_id))
+        }
+        Ok(Admission::Missing) => unavailable(&StoreError::Unavailable(
+            "session record was not written".into(),
+        )),
+        Err(e) => unavailable(&e),
+    };
+    // The client never learns this id: end the session rmcp just made.
+    drop(response);
+    state.sessions.drop_local(&id).await;
+    if let Err(e) = store.delete(&id).await {
+        tracing::warn!(error = %e, session = short_id(&id), "unbound session left to expire");
+    }
+    refused
+}
+
+async fn delete_mcp(
+    state: &AppState,
+    headers: &HeaderMap,
+    session: Option<String>,
+    caller: &Caller,
+) -> Response {
     let Some(id) = session else {
         return rpc_error(
             StatusCode::BAD_REQUEST,
@@ -316,13 +486,23 @@ async fn delete_mcp(state: &AppState, headers: &HeaderMap, session: Option<Strin
             );
         }
     }
-    delete_session(state, &id).await
+    delete_session(state, &id, Some(caller)).await
 }
 
-/// Deletes a session everywhere: the shared record, then every replica's worker.
-async fn delete_session(state: &AppState, id: &str) -> Response {
-    match state.node.store.delete(id).await {
-        Ok(true) => {
+/// Deletes a session everywhere: the shared record, then every replica's worker. With a
+/// `caller`, only a session of theirs; without, any (operators).
+async fn delete_session(state: &AppState, id: &str, caller: Option<&Caller>) -> Response {
+    let deleted = match caller {
+        Some(c) => state.node.store.delete_as(id, c.owner()).await,
+        None => state
+            .node
+            .store
+            .delete(id)
+            .await
+            .map(|d| if d { Access::Granted } else { Access::NotFound }),
+    };
+    match deleted {
+        Ok(Access::Granted) => {
             if let Err(e) = state.node.store.publish("del", id).await {
                 tracing::warn!(error = %e, "could not announce deletion; other replicas answer 404 from the store");
             }
@@ -330,16 +510,70 @@ async fn delete_session(state: &AppState, id: &str) -> Response {
             tracing::info!(session = short_id(id), "session deleted");
             StatusCode::OK.into_response()
         }
-        Ok(false) => session_not_found(),
+        Ok(Access::NotFound) => session_not_found(),
+        Ok(Access::OtherOwner) => foreign_session(id, caller.unwrap_or(&Caller::Anonymous)),
         Err(e) => unavailable(&e),
     }
+}
+
+/// The bearer token of an `Authorization` header.
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+/// Constant-time comparison; hashing first hides the token's length too.
+fn token_matches(expected: &[u8], given: &str) -> bool {
+    Sha256::digest(expected)
+        .as_slice()
+        .ct_eq(Sha256::digest(given.as_bytes()).as_slice())
+        .into()
+}
+
+/// Guards the operations endpoints: 404 when no `operations_token` is configured (they do
+/// not exist), 401 with `WWW-Authenticate` without the right bearer token. The token is
+/// never logged.
+async fn operations_auth(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.node.config.operations_token else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let given = bearer(request.headers());
+    if given.is_some_and(|t| token_matches(expected.expose(), t)) {
+        return next.run(request).await;
+    }
+    tracing::warn!(
+        target: "security",
+        path = request.uri().path(),
+        token_presented = given.is_some(),
+        "operations request refused"
+    );
+    let mut response = rpc_error(
+        StatusCode::UNAUTHORIZED,
+        -32600,
+        "missing or invalid operations token",
+        None,
+    );
+    let challenge = if given.is_some() {
+        r#"Bearer realm="mcp-backend", error="invalid_token""#
+    } else {
+        r#"Bearer realm="mcp-backend""#
+    };
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(challenge),
+    );
+    response
 }
 
 async fn delete_session_route(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     if !valid_session_id(&id) {
         return rpc_error(StatusCode::BAD_REQUEST, -32600, "invalid session id", None);
     }
-    delete_session(&state, &id).await
+    delete_session(&state, &id, None).await
 }
 
 async fn health(State(state): State<AppState>) -> Response {
@@ -484,11 +718,54 @@ mod tests {
     }
 
     #[test]
+    fn bearer_tokens_are_parsed_and_compared_exactly() {
+        let auth = |v: &str| headers(&[("authorization", v)]);
+        assert_eq!(bearer(&auth("Bearer abc")), Some("abc"));
+        assert_eq!(
+            bearer(&auth("bearer abc")),
+            Some("abc"),
+            "scheme is case-insensitive"
+        );
+        assert_eq!(bearer(&auth("Basic abc")), None);
+        assert_eq!(bearer(&auth("Bearer ")), None);
+        assert_eq!(bearer(&headers(&[])), None);
+        assert!(token_matches(b"secret-token-123", "secret-token-123"));
+        for wrong in [
+            "secret-token-12",
+            "secret-token-1234",
+            "",
+            "SECRET-TOKEN-123",
+        ] {
+            assert!(!token_matches(b"secret-token-123", wrong), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn too_many_sessions_says_when_to_retry_in_whole_seconds() {
+        let retry = |d| {
+            too_many_sessions(2, d, None)
+                .headers()
+                .get(header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok().map(str::to_owned))
+        };
+        assert_eq!(
+            retry(Duration::from_millis(1500)).as_deref(),
+            Some("2"),
+            "rounded up"
+        );
+        assert_eq!(retry(Duration::ZERO).as_deref(), Some("1"), "never 0");
+        assert_eq!(
+            too_many_sessions(2, Duration::ZERO, None).status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+
+    #[test]
     fn bodies_are_classified_as_parse_error_invalid_or_initialize() {
         let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        assert_eq!(check_body(init).ok(), Some(true));
+        assert_eq!(check_body(init).ok(), Some(Some(json!(1))));
         let ping = br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
-        assert_eq!(check_body(ping).ok(), Some(false));
+        assert_eq!(check_body(ping).ok(), Some(None));
         let status = |b: &[u8]| check_body(b).err().map(|r| r.status());
         assert_eq!(status(b"{not json"), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status(br#"{"id":1}"#), Some(StatusCode::BAD_REQUEST));

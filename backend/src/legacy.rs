@@ -7,12 +7,16 @@
 //! holder, recorded in the store); a POST that lands on another replica is forwarded to the
 //! holder over the bus (topic `legacy:<id>`), so a round-robin balancer in front works. When
 //! the stream closes, the session ends: this transport has no resumption.
+//!
+//! `GET /sse` writes the session record (without `init`) and binds it to the caller's
+//! principal before the `endpoint` event names the id, within `max_sessions_per_principal`;
+//! the guard then checks every `POST /messages` against that owner, as for `/mcp`.
 
 use std::{collections::HashMap, convert::Infallible, sync::Arc};
 
 use axum::{
     body::Bytes,
-    extract::{Query, State},
+    extract::{Extension, Query, State},
     http::StatusCode,
     response::{
         IntoResponse, Response,
@@ -32,8 +36,13 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::{
     Node,
     handler::Handler,
-    http::{AppState, rpc_error, session_not_found, short_id, unavailable, valid_session_id},
+    http::{
+        AppState, rpc_error, session_not_found, short_id, too_many_sessions, unavailable,
+        valid_session_id,
+    },
+    principal::Caller,
     sessions::ReplicaSessions,
+    store::{Admission, StoreError},
 };
 
 /// Messages queued for one session before POSTs see back-pressure.
@@ -124,7 +133,10 @@ fn with_session(mut message: ClientJsonRpcMessage, id: &str) -> ClientJsonRpcMes
 }
 
 /// `GET /sse`: opens a 2024-11-05 session on this replica.
-pub async fn open_stream(State(state): State<AppState>) -> Response {
+pub async fn open_stream(
+    State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
+) -> Response {
     let legacy = state.legacy.clone();
     let node = state.node.clone();
     let sessions = state.sessions.clone();
@@ -140,12 +152,26 @@ pub async fn open_stream(State(state): State<AppState>) -> Response {
             );
         }
     };
+    let limit = node.config.max_sessions_per_principal;
+    let refused = match node.store.claim(&id, caller.owner(), limit, true).await {
+        Ok(Admission::Admitted) => None,
+        Ok(Admission::Full { retry_after }) => Some(too_many_sessions(limit, retry_after, None)),
+        Ok(Admission::Missing) => Some(unavailable(&StoreError::Unavailable(
+            "session record was not written".into(),
+        ))),
+        Err(e) => Some(unavailable(&e)),
+    };
+    if let Some(response) = refused {
+        sessions.drop_local(&id).await;
+        return response;
+    }
     if let Err(e) = node
         .store
         .set_legacy_holder(&id, Some(&node.config.node_id))
         .await
     {
         sessions.drop_local(&id).await;
+        let _ = node.store.delete(&id).await;
         return unavailable(&e);
     }
     // The MCP worker: waits for `initialize`, then serves until the session is dropped.
@@ -273,7 +299,7 @@ async fn process_inbox(
                         Err(e) => Err(e),
                     }
                 } else {
-                    let _ = node.store.touch(&id).await;
+                    // The guard refreshed the session's TTL when it checked the POST's owner.
                     match sessions.create_stream(&id, message).await {
                         Ok(stream) => {
                             tokio::spawn(forward(stream, out.clone()));
@@ -294,10 +320,11 @@ async fn process_inbox(
 #[derive(Deserialize)]
 pub struct MessageQuery {
     #[serde(rename = "sessionId")]
-    session_id: Option<String>,
+    pub session_id: Option<String>,
 }
 
 /// `POST /messages?sessionId=<id>`: queues a message for the session, wherever its stream is.
+/// The guard has checked that the session exists and is the caller's.
 pub async fn post_message(
     State(state): State<AppState>,
     Query(q): Query<MessageQuery>,

@@ -11,6 +11,8 @@
 //!   official conformance suite calls (served with `--conformance`).
 //! - [`http`]: the routes (`/mcp`, `/sse`, `/messages`, `/health`, `/sessions`) and the guard
 //!   in front of rmcp; [`legacy`]: the HTTP+SSE transport of 2024-11-05.
+//! - [`principal`]: the caller's principal from the proxy's signed headers; sessions are
+//!   bound to it.
 
 pub mod bus;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod conformance;
 pub mod handler;
 pub mod http;
 pub mod legacy;
+pub mod principal;
 pub mod sessions;
 pub mod store;
 

@@ -4,11 +4,16 @@
 //!
 //! | key | type | what |
 //! |---|---|---|
-//! | `mcp:session:<id>` | hash | `init` (initialize params JSON), `protocol_version`, `client_name`, `created`, `last_seen`, `node`, `log_level`, `counter`, `sub:<uri>`; sliding TTL |
+//! | `mcp:session:<id>` | hash | `init` (initialize params JSON), `protocol_version`, `client_name`, `created`, `last_seen`, `node`, `owner` (absent: anonymous), `log_level`, `counter`, `sub:<uri>`; sliding TTL |
 //! | `mcp:sessions` | sorted set | session ids scored by last use, for `/sessions` and `activeSessions` |
+//! | `mcp:owner:<owner>` | sorted set | the sessions of one principal scored by expiry (ms), for `max_sessions_per_principal`; TTL refreshed with theirs |
 //! | `mcp:events:<id>:<stream>` | stream | the SSE events of one stream of one session, capped, same TTL |
 //! | `mcp:legacy:<id>` | string | node holding the `GET /sse` stream of a 2024-11-05 session |
 //! | `mcp:bus:<topic>` | pub/sub | live messages between replicas (see [`crate::bus`]) |
+//!
+//! Every operation that names a session on behalf of a caller takes the caller's owner hash
+//! (`None`: anonymous) and answers [`Access::OtherOwner`] without touching a session that is
+//! not theirs, in the same round trip as the lookup itself.
 //!
 //! Without one, the same operations run on process memory (one node only). Redis being
 //! unreachable or slow is [`StoreError::Unavailable`], which requests answer with 503, never with
@@ -64,10 +69,35 @@ pub struct SessionSummary {
     pub protocol_version: Option<String>,
     pub client_name: Option<String>,
     pub node: Option<String>,
+    /// Owner hash of the principal that opened it; `None`: anonymous.
+    pub owner: Option<String>,
 }
 
 /// One stored SSE event: its id within the stream and its encoded payload.
 pub type StoredEvent = (String, String);
+
+/// What a lookup of a session on behalf of a caller found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// The session is live and the caller's (and was touched or deleted).
+    Granted,
+    /// No such session: unknown, deleted or expired.
+    NotFound,
+    /// The session is live but another principal's (left untouched).
+    OtherOwner,
+}
+
+/// Whether a principal may open one more session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// At `max_sessions_per_principal`; the oldest session expires in `retry_after`.
+    Full {
+        retry_after: Duration,
+    },
+    /// [`Store::claim`] only: the session record is gone (rmcp could not write it).
+    Missing,
+}
 
 /// Session records, event logs and bus, in Redis or in memory.
 pub struct Store {
@@ -89,6 +119,8 @@ struct RedisBackend {
     timeout: Duration,
     touch: redis::Script,
     append: redis::Script,
+    claim: redis::Script,
+    delete: redis::Script,
 }
 
 #[derive(Default)]
@@ -99,14 +131,70 @@ struct Memory {
     next_event: u64,
 }
 
-/// Refreshes a session's TTL and last-seen time if it exists; returns 1 or 0.
+/// Refreshes a session's TTL and last-seen time if it exists and belongs to the caller.
+/// KEYS: record, index, owner set. ARGV: ttl ms, now ms, id, caller's owner ('' anonymous),
+/// expiry ms. Returns 1 (touched), 0 (no such session) or 2 (another owner's, untouched).
 const TOUCH_LUA: &str = r"
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
-  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-  return 1
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  owner = ''
 end
-return 0";
+if owner ~= ARGV[4] then return 2 end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[1], 'last_seen', ARGV[2])
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+if owner ~= '' then
+  redis.call('ZADD', KEYS[3], ARGV[5], ARGV[3])
+  redis.call('PEXPIRE', KEYS[3], ARGV[1])
+end
+return 1";
+
+/// Binds a session to its owner within the owner's session limit. KEYS: record, index, owner
+/// set. ARGV: owner ('' anonymous), now ms, ttl ms, limit (0 none), id, expiry ms, node ('':
+/// the record must exist already; otherwise a record without `init` is created, as for a
+/// 2024-11-05 session before its `initialize`). Returns {1} (bound), {0} (no record) or
+/// {2, expiry ms of the owner's oldest session} (at the limit).
+const CLAIM_LUA: &str = r"
+if ARGV[7] == '' and redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
+if ARGV[1] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', ARGV[2])
+  local limit = tonumber(ARGV[4])
+  if limit > 0 and redis.call('ZCARD', KEYS[3]) >= limit then
+    local oldest = redis.call('ZRANGE', KEYS[3], 0, 0, 'WITHSCORES')
+    return {2, tonumber(oldest[2])}
+  end
+end
+if ARGV[7] ~= '' then
+  redis.call('HSET', KEYS[1], 'created', ARGV[2], 'last_seen', ARGV[2], 'node', ARGV[7])
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[5])
+end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'owner', ARGV[1])
+  redis.call('ZADD', KEYS[3], ARGV[6], ARGV[5])
+  redis.call('PEXPIRE', KEYS[3], ARGV[3])
+end
+return {1}";
+
+/// Deletes a session record (only the caller's when ARGV[3] is '1') and its place in the
+/// index and its owner's set. KEYS: record, index. ARGV: id, owner set key prefix, check,
+/// caller's owner. Returns 1 (deleted), 0 (no such session) or 2 (another owner's, kept).
+/// The owner set's key is built here from the record (single Redis, not cluster-safe).
+const DELETE_LUA: &str = r"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if not owner then
+  if redis.call('EXISTS', KEYS[1]) == 0 then
+    redis.call('ZREM', KEYS[2], ARGV[1])
+    return 0
+  end
+  owner = ''
+end
+if ARGV[3] == '1' and owner ~= ARGV[4] then return 2 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if owner ~= '' then redis.call('ZREM', ARGV[2] .. owner, ARGV[1]) end
+return 1";
 
 /// Appends an event to a capped stream, refreshes its TTL and, when a channel is given,
 /// publishes `<event id> <payload>` on it. Returns the event id.
@@ -130,6 +218,8 @@ impl Store {
                     timeout: config.redis_timeout,
                     touch: redis::Script::new(TOUCH_LUA),
                     append: redis::Script::new(APPEND_LUA),
+                    claim: redis::Script::new(CLAIM_LUA),
+                    delete: redis::Script::new(DELETE_LUA),
                 })
             }
             None => Backend::Memory(Mutex::new(Memory::default())),
@@ -158,6 +248,11 @@ impl Store {
 
     fn index_key(&self) -> String {
         format!("{}sessions", self.prefix)
+    }
+
+    /// The sorted set of one owner's sessions (`<prefix>owner:<hash>`).
+    fn owner_key(&self, owner: &str) -> String {
+        self.key("owner", owner)
     }
 
     /// The Redis channel of a bus topic.
@@ -225,10 +320,20 @@ impl Store {
                 timed(r.timeout, pipe.query_async::<()>(&mut c)).await
             }
             Backend::Memory(m) => {
+                // Like HSET: fields already there (the owner of a 2024-11-05 session) stay.
                 let mut m = Self::memory(m);
-                let record = fields.into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
-                m.records
-                    .insert(id.to_owned(), (record, Instant::now() + self.ttl));
+                let now = Instant::now();
+                let entry = m
+                    .records
+                    .entry(id.to_owned())
+                    .or_insert_with(|| (HashMap::new(), now));
+                if entry.1 <= now {
+                    entry.0.clear();
+                }
+                entry
+                    .0
+                    .extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+                entry.1 = now + self.ttl;
                 Ok(())
             }
         }
@@ -247,62 +352,206 @@ impl Store {
             })
     }
 
-    /// Refreshes the sliding TTL of a session; `false` when it does not exist (unknown,
-    /// deleted or expired).
-    pub async fn touch(&self, id: &str) -> StoreResult<bool> {
+    /// Refreshes the sliding TTL of a session on behalf of the caller whose owner hash is
+    /// `owner` (`None`: anonymous). A session of another owner is left as it is.
+    pub async fn touch(&self, id: &str, owner: Option<&str>) -> StoreResult<Access> {
         match &self.backend {
             Backend::Redis(r) => {
                 let mut c = self.conn(r)?;
+                let now = now_ms();
                 let mut inv = r.touch.prepare_invoke();
                 inv.key(self.key("session", id))
                     .key(self.index_key())
+                    .key(self.owner_key(owner.unwrap_or_default()))
                     .arg(self.ttl_ms())
-                    .arg(now_ms())
-                    .arg(id);
+                    .arg(now)
+                    .arg(id)
+                    .arg(owner.unwrap_or_default())
+                    .arg(now + self.ttl_ms());
                 let n: i64 = timed(r.timeout, inv.invoke_async(&mut c)).await?;
-                Ok(n == 1)
+                Ok(access(n))
             }
             Backend::Memory(m) => {
                 let mut m = Self::memory(m);
                 let now = Instant::now();
                 match m.records.get_mut(id) {
                     Some((rec, exp)) if *exp > now => {
+                        if rec.get("owner").map(String::as_str) != owner {
+                            return Ok(Access::OtherOwner);
+                        }
                         *exp = now + self.ttl;
                         rec.insert("last_seen".into(), now_ms().to_string());
-                        Ok(true)
+                        Ok(Access::Granted)
                     }
                     Some(_) => {
                         m.records.remove(id);
-                        Ok(false)
+                        Ok(Access::NotFound)
                     }
-                    None => Ok(false),
+                    None => Ok(Access::NotFound),
                 }
             }
         }
     }
 
-    /// Deletes a session record; `false` when there was none.
-    pub async fn delete(&self, id: &str) -> StoreResult<bool> {
+    /// Whether the principal `owner` may open another session (`limit` 0: no limit). Also
+    /// the store's readiness check before a session is minted, so it costs one round trip
+    /// either way. Anonymous sessions are not counted.
+    pub async fn admit(&self, owner: Option<&str>, limit: u64) -> StoreResult<Admission> {
+        let Some(owner) = owner.filter(|_| limit > 0) else {
+            return self.ping().await.map(|()| Admission::Admitted);
+        };
+        let now = now_ms();
         match &self.backend {
             Backend::Redis(r) => {
                 let mut c = self.conn(r)?;
+                let key = self.owner_key(owner);
                 let mut pipe = redis::pipe();
                 pipe.atomic()
-                    .del(self.key("session", id))
-                    .zrem(self.index_key(), id)
-                    .ignore();
-                let (n,): (i64,) = timed(r.timeout, pipe.query_async(&mut c)).await?;
-                Ok(n == 1)
+                    .zrembyscore(&key, "-inf", now)
+                    .ignore()
+                    .zcard(&key)
+                    .zrange_withscores(&key, 0, 0);
+                let (count, oldest): (u64, Vec<(String, f64)>) =
+                    timed(r.timeout, pipe.query_async(&mut c)).await?;
+                Ok(if count >= limit {
+                    let expiry = oldest.first().map_or(now, |(_, score)| *score as u64);
+                    Admission::Full {
+                        retry_after: Duration::from_millis(expiry.saturating_sub(now)),
+                    }
+                } else {
+                    Admission::Admitted
+                })
+            }
+            Backend::Memory(m) => Ok(Self::memory(m).admit(owner, limit, None)),
+        }
+    }
+
+    /// Binds session `id` to `owner` (`None`: anonymous, nothing to write) unless the owner
+    /// is at `limit` (0: none). With `open_record`, first creates the record (without
+    /// `init`): 2024-11-05 sessions exist before their `initialize`. Otherwise the record must
+    /// exist: [`Admission::Missing`] when it does not.
+    ///
+    /// Called before the client learns the id, so no request can see the session unbound.
+    pub async fn claim(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        limit: u64,
+        open_record: bool,
+    ) -> StoreResult<Admission> {
+        if owner.is_none() && !open_record {
+            return Ok(Admission::Admitted);
+        }
+        let now = now_ms();
+        match &self.backend {
+            Backend::Redis(r) => {
+                let mut c = self.conn(r)?;
+                let mut inv = r.claim.prepare_invoke();
+                inv.key(self.key("session", id))
+                    .key(self.index_key())
+                    .key(self.owner_key(owner.unwrap_or_default()))
+                    .arg(owner.unwrap_or_default())
+                    .arg(now)
+                    .arg(self.ttl_ms())
+                    .arg(limit)
+                    .arg(id)
+                    .arg(now + self.ttl_ms())
+                    .arg(if open_record {
+                        self.node_id.as_str()
+                    } else {
+                        ""
+                    });
+                let reply: Vec<i64> = timed(r.timeout, inv.invoke_async(&mut c)).await?;
+                Ok(match reply.as_slice() {
+                    [1] => Admission::Admitted,
+                    [2, expiry] => Admission::Full {
+                        retry_after: Duration::from_millis(
+                            u64::try_from(*expiry).unwrap_or(now).saturating_sub(now),
+                        ),
+                    },
+                    _ => Admission::Missing,
+                })
             }
             Backend::Memory(m) => {
                 let mut m = Self::memory(m);
+                let live_at = Instant::now();
+                let exists = m.records.get(id).is_some_and(|(_, exp)| *exp > live_at);
+                if !exists && !open_record {
+                    return Ok(Admission::Missing);
+                }
+                if let Some(owner) = owner {
+                    let admission = m.admit(owner, limit, Some(id));
+                    if admission != Admission::Admitted {
+                        return Ok(admission);
+                    }
+                }
+                if !exists {
+                    let record = [("created", now), ("last_seen", now)]
+                        .into_iter()
+                        .map(|(k, v)| (k.to_owned(), v.to_string()))
+                        .chain([("node".to_owned(), self.node_id.clone())])
+                        .collect();
+                    m.records
+                        .insert(id.to_owned(), (record, live_at + self.ttl));
+                }
+                if let (Some(owner), Some((rec, _))) = (owner, m.records.get_mut(id)) {
+                    rec.insert("owner".into(), owner.to_owned());
+                }
+                Ok(Admission::Admitted)
+            }
+        }
+    }
+
+    /// Deletes a session record, whoever owns it (operators, rmcp, a closed 2024-11-05
+    /// stream); `false` when there was none.
+    pub async fn delete(&self, id: &str) -> StoreResult<bool> {
+        Ok(self.delete_checked(id, None).await? == Access::Granted)
+    }
+
+    /// Deletes a session record on behalf of the caller whose owner hash is `owner`; a
+    /// session of another owner is kept.
+    pub async fn delete_as(&self, id: &str, owner: Option<&str>) -> StoreResult<Access> {
+        self.delete_checked(id, Some(owner)).await
+    }
+
+    async fn delete_checked(&self, id: &str, caller: Option<Option<&str>>) -> StoreResult<Access> {
+        match &self.backend {
+            Backend::Redis(r) => {
+                let mut c = self.conn(r)?;
+                let mut inv = r.delete.prepare_invoke();
+                inv.key(self.key("session", id))
+                    .key(self.index_key())
+                    .arg(id)
+                    .arg(self.key("owner", ""))
+                    .arg(if caller.is_some() { "1" } else { "0" })
+                    .arg(caller.flatten().unwrap_or_default());
+                let n: i64 = timed(r.timeout, inv.invoke_async(&mut c)).await?;
+                Ok(access(n))
+            }
+            Backend::Memory(m) => {
+                let mut m = Self::memory(m);
+                let live = m
+                    .records
+                    .get(id)
+                    .map(|(rec, exp)| (*exp > Instant::now(), rec.get("owner").cloned()));
+                match live {
+                    None => return Ok(Access::NotFound),
+                    Some((true, owner)) if caller.is_some_and(|c| c != owner.as_deref()) => {
+                        return Ok(Access::OtherOwner);
+                    }
+                    Some(_) => {}
+                }
                 let live = m
                     .records
                     .remove(id)
                     .is_some_and(|(_, exp)| exp > Instant::now());
                 let prefix = format!("{id}:");
                 m.events.retain(|k, _| !k.starts_with(&prefix));
-                Ok(live)
+                Ok(if live {
+                    Access::Granted
+                } else {
+                    Access::NotFound
+                })
             }
         }
     }
@@ -435,6 +684,7 @@ impl Store {
                 protocol_version: rec.get("protocol_version").cloned(),
                 client_name: rec.get("client_name").cloned(),
                 node: rec.get("node").cloned(),
+                owner: rec.get("owner").cloned(),
                 id,
             })
             .collect();
@@ -600,6 +850,42 @@ impl Store {
     }
 }
 
+impl Memory {
+    /// [`Store::admit`] on memory: `owner`'s live sessions other than `except` against
+    /// `limit` (0: none).
+    fn admit(&self, owner: &str, limit: u64, except: Option<&str>) -> Admission {
+        if limit == 0 {
+            return Admission::Admitted;
+        }
+        let now = Instant::now();
+        let expiries: Vec<Instant> = self
+            .records
+            .iter()
+            .filter(|(id, (rec, exp))| {
+                *exp > now
+                    && Some(id.as_str()) != except
+                    && rec.get("owner").is_some_and(|o| o == owner)
+            })
+            .map(|(_, (_, exp))| *exp)
+            .collect();
+        if (expiries.len() as u64) < limit {
+            return Admission::Admitted;
+        }
+        let oldest = expiries.into_iter().min().unwrap_or(now);
+        Admission::Full {
+            retry_after: oldest.saturating_duration_since(now),
+        }
+    }
+}
+
+fn access(n: i64) -> Access {
+    match n {
+        1 => Access::Granted,
+        2 => Access::OtherOwner,
+        _ => Access::NotFound,
+    }
+}
+
 /// Parses a Redis stream id `ms-seq`.
 pub fn event_seq(id: &str) -> Option<(u64, u64)> {
     let (a, b) = id.split_once('-')?;
@@ -645,5 +931,177 @@ async fn connect_forever(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rmcp::model::{ClientCapabilities, Implementation, ProtocolVersion};
+
+    fn store(ttl_seconds: u64) -> Store {
+        let config = Config {
+            session_ttl: Duration::from_secs(ttl_seconds),
+            ..Config::default()
+        };
+        match Store::new(&config, Bus::new()) {
+            Ok(s) => s,
+            Err(e) => panic!("memory store: {e}"),
+        }
+    }
+
+    fn init() -> InitializeRequestParams {
+        InitializeRequestParams::new(ClientCapabilities::default(), Implementation::new("t", "1"))
+            .with_protocol_version(ProtocolVersion::V_2025_06_18)
+    }
+
+    async fn create(s: &Store, id: &str, owner: Option<&str>) {
+        assert!(s.create(id, &init()).await.is_ok(), "create {id}");
+        assert_eq!(
+            s.claim(id, owner, 0, false).await.ok(),
+            Some(Admission::Admitted),
+            "claim {id}"
+        );
+    }
+
+    #[tokio::test]
+    async fn sessions_answer_only_their_owner_and_others_cannot_refresh_them() {
+        let s = store(60);
+        create(&s, "a1", Some("alice")).await;
+        create(&s, "anon", None).await;
+        assert_eq!(
+            s.touch("a1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
+        assert_eq!(
+            s.touch("a1", Some("bob")).await.ok(),
+            Some(Access::OtherOwner)
+        );
+        assert_eq!(s.touch("a1", None).await.ok(), Some(Access::OtherOwner));
+        assert_eq!(s.touch("anon", None).await.ok(), Some(Access::Granted));
+        assert_eq!(
+            s.touch("anon", Some("alice")).await.ok(),
+            Some(Access::OtherOwner)
+        );
+        assert_eq!(
+            s.touch("nope", Some("alice")).await.ok(),
+            Some(Access::NotFound)
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("bob")).await.ok(),
+            Some(Access::OtherOwner)
+        );
+        assert_eq!(s.delete_as("a1", None).await.ok(), Some(Access::OtherOwner));
+        assert_eq!(
+            s.touch("a1", Some("alice")).await.ok(),
+            Some(Access::Granted),
+            "a refused delete leaves the session alone"
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::NotFound)
+        );
+        assert_eq!(
+            s.delete("anon").await.ok(),
+            Some(true),
+            "operators delete any session"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_session_limit_counts_live_sessions_of_one_owner_only() {
+        let s = store(60);
+        for id in ["a1", "a2"] {
+            create(&s, id, Some("alice")).await;
+        }
+        create(&s, "anon", None).await;
+        assert_eq!(
+            s.admit(Some("alice"), 3).await.ok(),
+            Some(Admission::Admitted)
+        );
+        assert!(
+            matches!(s.admit(Some("alice"), 2).await, Ok(Admission::Full { retry_after }) if retry_after <= Duration::from_secs(60)),
+            "two of two: full, retry when the oldest expires"
+        );
+        assert_eq!(
+            s.admit(Some("bob"), 2).await.ok(),
+            Some(Admission::Admitted)
+        );
+        assert_eq!(
+            s.admit(None, 1).await.ok(),
+            Some(Admission::Admitted),
+            "anonymous: not counted"
+        );
+        assert_eq!(
+            s.admit(Some("alice"), 0).await.ok(),
+            Some(Admission::Admitted),
+            "0: unlimited"
+        );
+        assert!(s.create("a3", &init()).await.is_ok());
+        assert!(
+            matches!(
+                s.claim("a3", Some("alice"), 2, false).await,
+                Ok(Admission::Full { .. })
+            ),
+            "claim enforces the limit too (concurrent initializes)"
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
+        assert_eq!(
+            s.claim("a3", Some("alice"), 2, false).await.ok(),
+            Some(Admission::Admitted)
+        );
+        assert_eq!(
+            s.claim("gone", Some("alice"), 0, false).await.ok(),
+            Some(Admission::Missing),
+            "no record to bind"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_opened_record_keeps_its_owner_through_initialize() {
+        let s = store(60);
+        assert_eq!(
+            s.claim("l1", Some("alice"), 5, true).await.ok(),
+            Some(Admission::Admitted)
+        );
+        assert!(
+            s.create("l1", &init()).await.is_ok(),
+            "initialize of a 2024-11-05 session"
+        );
+        assert_eq!(
+            s.touch("l1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
+        assert_eq!(s.touch("l1", None).await.ok(), Some(Access::OtherOwner));
+        let listed = s.list(10).await.unwrap_or_default();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].owner.as_deref(), Some("alice"));
+        assert_eq!(listed[0].client_name.as_deref(), Some("t"));
+    }
+
+    #[tokio::test]
+    async fn expired_sessions_are_not_found_and_not_counted() {
+        let s = store(1);
+        create(&s, "a1", Some("alice")).await;
+        // The memory store reads std's clock, which tokio cannot pause: wait, polling.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while s.touch("a1", Some("bob")).await.ok() != Some(Access::NotFound) {
+            assert!(
+                Instant::now() < deadline,
+                "session must expire after its TTL"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            s.admit(Some("alice"), 1).await.ok(),
+            Some(Admission::Admitted)
+        );
     }
 }

@@ -8,7 +8,13 @@
 //!   backend gets no new sessions or requests; its open streams finish
 //! - `POST /admin/reload` — re-read the config file, as SIGHUP does
 //!
-//! With `admin.token` set, `/admin/*` needs `Authorization: Bearer <token>`.
+//! With `admin.token` set, every path but `/health` and `/metrics` needs
+//! `Authorization: Bearer <token>` (compared in constant time); the admin listener refuses to
+//! start on a non-loopback address without a token. Paths are matched exactly as sent: no
+//! trimming or decoding, so `//admin/reload` is just an unknown path. A `POST` must not come
+//! from a browser page of another origin: an `Origin` other than the admin listener's own is
+//! refused, and the request must say `Content-Type: application/json` or carry an
+//! `X-MCP-Admin` header, which a cross-site form cannot send without a CORS preflight.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,6 +24,7 @@ use http::{Method, Response, StatusCode};
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
 use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
 
 use crate::config::Policy;
 use crate::pool::Pick;
@@ -101,16 +108,16 @@ impl AdminApp {
 
     fn session(&self, id: &str) -> Value {
         let snapshot = self.shared.snapshot();
-        let pin = self.shared.sessions.get(id);
-        let legacy = self.shared.legacy.get(id);
+        let pins = self.shared.sessions.find_session(id);
+        let legacy = self.shared.legacy.find_session(id);
         let pools: Vec<Value> = snapshot
             .pools
             .iter()
             .map(|p| {
                 let name = &p.config.name;
-                let (policy, backend) = if let Some(pin) = pin.as_ref().filter(|x| &x.pool == name) {
+                let (policy, backend) = if let Some(pin) = pins.iter().find(|x| &x.pool == name) {
                     ("persistence", Some(pin.backend.clone()))
-                } else if let Some(pin) = legacy.as_ref().filter(|x| &x.pool == name) {
+                } else if let Some(pin) = legacy.iter().find(|x| &x.pool == name) {
                     ("legacy endpoint pin", Some(pin.backend.clone()))
                 } else if p.config.routing.post == Policy::SessionHash {
                     let b = match p.hash(id.as_bytes(), &[]) {
@@ -165,31 +172,92 @@ impl AdminApp {
     }
 }
 
+/// Whether the request carries exactly one `Authorization: Bearer <token>`, compared in
+/// constant time.
+fn token_matches(req: &pingora::http::RequestHeader, token: &str) -> bool {
+    let mut lines = req.headers.get_all(http::header::AUTHORIZATION).iter();
+    let (Some(v), None) = (lines.next(), lines.next()) else {
+        return false;
+    };
+    let Some(given) = v
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .or_else(|| v.as_bytes().strip_prefix(b"bearer "))
+    else {
+        return false;
+    };
+    bool::from(given.ct_eq(token.as_bytes()))
+}
+
+/// Refuses what a browser page of another origin could send: an `Origin` that is not this
+/// listener's own, or a request without `Content-Type: application/json` or `X-MCP-Admin`.
+fn same_origin_only(req: &pingora::http::RequestHeader) -> Result<(), &'static str> {
+    if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+        let host = req
+            .headers
+            .get(http::header::HOST)
+            .map(|h| h.as_bytes())
+            .unwrap_or_default();
+        let o = origin.as_bytes();
+        let own = [b"http://".as_slice(), b"https://".as_slice()]
+            .iter()
+            .any(|scheme| o.strip_prefix(*scheme) == Some(host));
+        if !own || host.is_empty() {
+            return Err("cross-origin admin requests are refused");
+        }
+    }
+    let json = req
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !json && !req.headers.contains_key("x-mcp-admin") {
+        return Err("send Content-Type: application/json or an X-MCP-Admin header");
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let req = session.req_header();
         let method = req.method.clone();
-        let path = req.uri.path().to_owned();
-        let query = req.uri.query().unwrap_or_default().to_owned();
-        let auth = req
-            .headers
-            .get(http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned);
+        let path = String::from_utf8_lossy(req.raw_path()).into_owned();
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p.to_owned(), q.to_owned()),
+            None => (path, String::new()),
+        };
         let snapshot = self.shared.snapshot();
-
-        if path.starts_with("/admin/")
+        let open = method == Method::GET && (path == "/health" || path == "/metrics");
+        if !open
             && let Some(token) = snapshot
                 .config
                 .admin
                 .as_ref()
-                .and_then(|a| a.token.as_deref())
-            && auth.as_deref() != Some(&format!("Bearer {token}"))
+                .and_then(|a| a.token.as_ref())
+            && !token_matches(req, token.expose())
         {
-            return error(StatusCode::UNAUTHORIZED, "admin token required");
+            tracing::warn!(target: "security", path = %path.chars().take(64).collect::<String>(), "admin request refused: bad or missing token");
+            let mut r = error(StatusCode::UNAUTHORIZED, "admin token required");
+            r.headers_mut().insert(
+                http::header::WWW_AUTHENTICATE,
+                http::HeaderValue::from_static("Bearer"),
+            );
+            return r;
         }
-        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        if method != Method::GET
+            && let Err(why) = same_origin_only(req)
+        {
+            tracing::warn!(target: "security", reason = why, "admin request refused: cross-site");
+            return error(StatusCode::FORBIDDEN, why);
+        }
+        // Exact segments: a leading `/` and no empty segment anywhere.
+        let Some(parts) = path
+            .strip_prefix('/')
+            .map(|p| p.split('/').collect::<Vec<&str>>())
+            .filter(|p| p.iter().all(|s| !s.is_empty()))
+        else {
+            return error(StatusCode::NOT_FOUND, "no such admin endpoint");
+        };
         let pool = query
             .split('&')
             .find_map(|kv| kv.strip_prefix("pool="))

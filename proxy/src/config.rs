@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub mod auth;
+pub use auth::{ApiKey, AuthConfig, AuthFile, JwksSource, JwtConfig, Secret, is_scope};
+
 /// Defaults, named so that `conf/proxy.yaml`, the docs and the code agree.
 pub mod defaults {
     pub const ADMIN_ADDRESS: &str = "127.0.0.1:9090";
@@ -51,6 +54,20 @@ pub mod defaults {
     pub const MAX_BODY_BYTES: u64 = 4 * 1024 * 1024;
     pub const MAX_HEADER_BYTES: usize = 32 * 1024;
     pub const MAX_SESSION_ID_BYTES: usize = 256;
+    /// Slowloris guard: a client must send its request headers within this time.
+    pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+    /// Each read of a request body must complete within this time.
+    pub const BODY_READ_TIMEOUT_MS: u64 = 30_000;
+    /// Each write to a client must complete within this time: a client that stops reading a
+    /// stream is cut off.
+    pub const CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
+    /// Per principal (or client address without auth); 0 turns the limit off.
+    pub const REQUESTS_PER_SECOND: u32 = 0;
+    pub const MAX_CONCURRENT_REQUESTS: u32 = 256;
+    pub const MAX_STREAMS: u32 = 64;
+    /// Requests in flight on one backend (SSE streams included) before the proxy sheds load
+    /// with 503.
+    pub const BACKEND_MAX_IN_FLIGHT: u32 = 10_000;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,10 +180,28 @@ impl Default for ServerFile {
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
     pub address: String,
+    /// One MCP server on this listener: its pool (default: the first pool). Exclusive with
+    /// `routes`.
     #[serde(default)]
     pub pool: Option<String>,
+    /// Several MCP servers on this listener, told apart by host and path prefix.
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
     #[serde(default)]
     pub tls: Option<TlsFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    pub pool: String,
+    /// Matches the `Host` header (port ignored, case-insensitive); default: any host.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Prefix of the public paths: `/github` serves `/github/mcp`, `/github/sse` and
+    /// `/github/messages`, sent upstream without the prefix. Default: none.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -201,6 +236,9 @@ pub struct LimitsFile {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub max_session_id_bytes: usize,
+    pub header_read_timeout_ms: u64,
+    pub body_read_timeout_ms: u64,
+    pub client_write_timeout_ms: u64,
 }
 
 impl Default for LimitsFile {
@@ -209,6 +247,33 @@ impl Default for LimitsFile {
             max_body_bytes: defaults::MAX_BODY_BYTES,
             max_header_bytes: defaults::MAX_HEADER_BYTES,
             max_session_id_bytes: defaults::MAX_SESSION_ID_BYTES,
+            header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS,
+            body_read_timeout_ms: defaults::BODY_READ_TIMEOUT_MS,
+            client_write_timeout_ms: defaults::CLIENT_WRITE_TIMEOUT_MS,
+        }
+    }
+}
+
+/// A pool's `limits`: what one principal (or one client address, without auth) may use.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolLimitsFile {
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the steady rate; default: twice the rate.
+    pub burst: Option<u32>,
+    pub max_concurrent_requests: u32,
+    pub max_streams: u32,
+    pub backend_max_in_flight: u32,
+}
+
+impl Default for PoolLimitsFile {
+    fn default() -> Self {
+        Self {
+            requests_per_second: defaults::REQUESTS_PER_SECOND,
+            burst: None,
+            max_concurrent_requests: defaults::MAX_CONCURRENT_REQUESTS,
+            max_streams: defaults::MAX_STREAMS,
+            backend_max_in_flight: defaults::BACKEND_MAX_IN_FLIGHT,
         }
     }
 }
@@ -228,6 +293,10 @@ pub struct PoolFile {
     pub failover: FailoverFile,
     #[serde(default)]
     pub timeouts: TimeoutsFile,
+    #[serde(default)]
+    pub auth: Option<AuthFile>,
+    #[serde(default)]
+    pub limits: PoolLimitsFile,
 }
 
 fn mcp_path() -> String {
@@ -364,14 +433,25 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Listener {
     pub address: SocketAddr,
-    pub pool: String,
+    /// Host routes first, then host-less ones; never empty.
+    pub routes: Vec<Route>,
     pub tls: Option<(PathBuf, PathBuf)>,
+}
+
+/// One MCP server on a listener. See [`crate::request::match_route`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub pool: String,
+    /// Lowercase, without port; `None`: any host.
+    pub host: Option<String>,
+    /// `""` or `/segment[/segment...]`.
+    pub prefix: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Admin {
     pub address: SocketAddr,
-    pub token: Option<String>,
+    pub token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -379,6 +459,19 @@ pub struct Limits {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub max_session_id_bytes: usize,
+    pub header_read_timeout: Duration,
+    pub body_read_timeout: Duration,
+    pub client_write_timeout: Duration,
+}
+
+/// A pool's per-principal limits (0: off).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolLimits {
+    pub requests_per_second: u32,
+    pub burst: u32,
+    pub max_concurrent_requests: u32,
+    pub max_streams: u32,
+    pub backend_max_in_flight: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -390,6 +483,8 @@ pub struct PoolConfig {
     pub health: HealthConfig,
     pub failover: Failover,
     pub timeouts: Timeouts,
+    pub auth: Option<std::sync::Arc<AuthConfig>>,
+    pub limits: PoolLimits,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -514,6 +609,7 @@ impl Config {
                 .map(|a| ListenerFile {
                     address: a.clone(),
                     pool: None,
+                    routes: Vec::new(),
                     tls: None,
                 })
                 .collect(),
@@ -538,6 +634,8 @@ impl Config {
                 health_check: HealthFile::default(),
                 failover: FailoverFile::default(),
                 timeouts: TimeoutsFile::default(),
+                auth: None,
+                limits: PoolLimitsFile::default(),
             }],
         };
         file.validate().map_err(|e| match e {
@@ -662,13 +760,7 @@ impl FileConfig {
                     "listener addresses must be unique",
                 ));
             }
-            let pool = match l.pool {
-                None => pools[0].name.clone(),
-                Some(p) if names.contains(&p) => p,
-                Some(p) => {
-                    return Err(invalid(format!("{key}.pool"), p, "no pool has this name"));
-                }
-            };
+            let routes = validate_routes(&key, l.pool, l.routes, &pools)?;
             let tls = match l.tls {
                 None => None,
                 Some(t) => {
@@ -684,7 +776,11 @@ impl FileConfig {
                     Some((t.certificate, t.key))
                 }
             };
-            listeners.push(Listener { address, pool, tls });
+            listeners.push(Listener {
+                address,
+                routes,
+                tls,
+            });
         }
 
         let admin = match self.admin {
@@ -698,17 +794,35 @@ impl FileConfig {
                         "already used by a listener",
                     ));
                 }
-                if a.token.as_deref().is_some_and(str::is_empty) {
+                let token = match a.token {
+                    None => None,
+                    Some(t) if t.is_empty() => {
+                        return Err(invalid(
+                            "admin.token",
+                            "",
+                            "must not be empty (omit it to disable, on a loopback address only)",
+                        ));
+                    }
+                    Some(t) => {
+                        let token = Secret::resolve("admin.token", &t)?;
+                        if token.expose().len() < 16 {
+                            return Err(invalid(
+                                "admin.token",
+                                "<redacted>",
+                                "must be at least 16 characters",
+                            ));
+                        }
+                        Some(token)
+                    }
+                };
+                if token.is_none() && !address.ip().is_loopback() {
                     return Err(invalid(
-                        "admin.token",
-                        "",
-                        "must not be empty (omit it to disable)",
+                        "admin.address",
+                        &a.address,
+                        "the admin API can drain backends and reload the config: on a non-loopback address it needs admin.token",
                     ));
                 }
-                Some(Admin {
-                    address,
-                    token: a.token,
-                })
+                Some(Admin { address, token })
             }
         };
 
@@ -742,6 +856,25 @@ impl FileConfig {
             ));
         }
 
+        let header_read_timeout = millis(
+            "limits.header_read_timeout_ms",
+            l.header_read_timeout_ms,
+            100,
+            600_000,
+        )?;
+        let body_read_timeout = millis(
+            "limits.body_read_timeout_ms",
+            l.body_read_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+        let client_write_timeout = millis(
+            "limits.client_write_timeout_ms",
+            l.client_write_timeout_ms,
+            100,
+            3_600_000,
+        )?;
+
         Ok(Config {
             server,
             listeners,
@@ -751,6 +884,9 @@ impl FileConfig {
                 max_body_bytes: l.max_body_bytes,
                 max_header_bytes: l.max_header_bytes,
                 max_session_id_bytes: l.max_session_id_bytes,
+                header_read_timeout,
+                body_read_timeout,
+                client_write_timeout,
             },
             pools,
             source: None,
@@ -817,11 +953,11 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
             weight: b.weight,
         });
     }
-    if !p.mcp_path.starts_with('/') {
+    if !is_route_path(&p.mcp_path) || ["/sse", "/messages"].contains(&p.mcp_path.as_str()) {
         return Err(invalid(
             format!("{key}.mcp_path"),
             &p.mcp_path,
-            "must start with /",
+            "must be a path like /mcp: /segment[/segment...] of letters, digits and -._~ (not /sse or /messages)",
         ));
     }
 
@@ -931,6 +1067,45 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         )?,
     };
 
+    let auth = match p.auth {
+        None => None,
+        Some(a) => Some(std::sync::Arc::new(a.validate(&format!("{key}.auth"))?)),
+    };
+    let l = p.limits;
+    let lkey = format!("{key}.limits");
+    for (k, v, max) in [
+        ("requests_per_second", l.requests_per_second, 1_000_000),
+        (
+            "max_concurrent_requests",
+            l.max_concurrent_requests,
+            1_000_000,
+        ),
+        ("max_streams", l.max_streams, 1_000_000),
+        ("backend_max_in_flight", l.backend_max_in_flight, 10_000_000),
+    ] {
+        if v > max {
+            return Err(invalid(
+                format!("{lkey}.{k}"),
+                v,
+                &format!("must be at most {max} (0 turns the limit off)"),
+            ));
+        }
+    }
+    let burst = match l.burst {
+        None => l.requests_per_second.saturating_mul(2).max(1),
+        Some(0) => {
+            return Err(invalid(format!("{lkey}.burst"), 0, "must be positive"));
+        }
+        Some(b) => b,
+    };
+    let limits = PoolLimits {
+        requests_per_second: l.requests_per_second,
+        burst,
+        max_concurrent_requests: l.max_concurrent_requests,
+        max_streams: l.max_streams,
+        backend_max_in_flight: l.backend_max_in_flight,
+    };
+
     Ok(PoolConfig {
         name: p.name,
         backends,
@@ -956,7 +1131,117 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
             safe_methods: f.safe_methods.into_iter().collect(),
         },
         timeouts,
+        auth,
+        limits,
     })
+}
+
+/// A path (or prefix) the route matcher can compare byte for byte: `/` followed by segments of
+/// unreserved characters, no empty, `.` or `..` segment, no percent-encoding.
+fn is_route_path(p: &str) -> bool {
+    p.strip_prefix('/').is_some_and(|rest| {
+        rest.split('/').all(|seg| {
+            !seg.is_empty()
+                && seg != "."
+                && seg != ".."
+                && seg
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+        })
+    })
+}
+
+/// A listener's routes: `pool:` alone is one route without host or prefix.
+fn validate_routes(
+    key: &str,
+    pool: Option<String>,
+    routes: Vec<RouteFile>,
+    pools: &[PoolConfig],
+) -> Result<Vec<Route>, ConfigError> {
+    let known = |k: String, p: &str| -> Result<(), ConfigError> {
+        if pools.iter().any(|x| x.name == p) {
+            Ok(())
+        } else {
+            Err(invalid(k, p, "no pool has this name"))
+        }
+    };
+    if routes.is_empty() {
+        let pool = match pool {
+            None => pools[0].name.clone(),
+            Some(p) => {
+                known(format!("{key}.pool"), &p)?;
+                p
+            }
+        };
+        return Ok(vec![Route {
+            pool,
+            host: None,
+            prefix: String::new(),
+        }]);
+    }
+    if let Some(p) = pool {
+        return Err(invalid(
+            format!("{key}.pool"),
+            p,
+            "give `pool` or `routes`, not both",
+        ));
+    }
+    let mut out: Vec<Route> = Vec::new();
+    let mut public = HashSet::new();
+    for (i, r) in routes.into_iter().enumerate() {
+        let rkey = format!("{key}.routes[{i}]");
+        known(format!("{rkey}.pool"), &r.pool)?;
+        let host = match r.host {
+            None => None,
+            Some(h) => {
+                let lower = h.to_ascii_lowercase();
+                let ok = !lower.is_empty()
+                    && lower.len() <= 253
+                    && (lower.parse::<IpAddr>().is_ok()
+                        || lower
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-.".contains(&b)));
+                if !ok {
+                    return Err(invalid(
+                        format!("{rkey}.host"),
+                        h,
+                        "must be a host name or IP address, without port",
+                    ));
+                }
+                Some(lower)
+            }
+        };
+        let prefix = r.path_prefix.unwrap_or_default();
+        if !prefix.is_empty() && !is_route_path(&prefix) {
+            return Err(invalid(
+                format!("{rkey}.path_prefix"),
+                prefix,
+                "must be /segment[/segment...] of letters, digits and -._~, without a trailing /",
+            ));
+        }
+        let mcp_path = pools
+            .iter()
+            .find(|p| p.name == r.pool)
+            .map_or("/mcp", |p| p.mcp_path.as_str());
+        for path in [mcp_path, "/sse", "/messages"] {
+            let full = format!("{prefix}{path}");
+            if !public.insert((host.clone(), full.clone())) {
+                return Err(invalid(
+                    format!("{rkey}.path_prefix"),
+                    &prefix,
+                    &format!("{full} is already served by another route of this listener"),
+                ));
+            }
+        }
+        out.push(Route {
+            pool: r.pool,
+            host,
+            prefix,
+        });
+    }
+    // Routes that name a host win over host-less ones with the same path.
+    out.sort_by_key(|r| r.host.is_none());
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -982,7 +1267,7 @@ mod tests {
         assert_eq!(p.health.interval, Duration::from_millis(2000));
         assert!(p.failover.safe_methods.contains("tools/list"));
         assert!(!p.failover.safe_methods.contains("tools/call"));
-        assert_eq!(c.listeners[0].pool, "mcp");
+        assert_eq!(c.listeners[0].routes[0].pool, "mcp");
         assert!(c.admin.is_none());
         assert_eq!(p.backends[0].name, "127.0.0.1:3001");
     }

@@ -101,7 +101,19 @@ impl BackgroundService for HealthChecker {
             if last_sweep.elapsed() > Duration::from_secs(5) {
                 self.shared.sessions.sweep();
                 self.shared.legacy.sweep();
+                for pool in &snapshot.pools {
+                    pool.limiter.sweep();
+                }
                 last_sweep = Instant::now();
+            }
+            // JWKS fetches and refreshes run off the request path (at most one at a time).
+            for pool in &snapshot.pools {
+                if let Some(a) = &pool.auth
+                    && a.refresh_wanted()
+                {
+                    let a = a.clone();
+                    tokio::spawn(async move { a.refresh_if_due().await });
+                }
             }
         }
     }

@@ -1,9 +1,16 @@
 //! mcp-proxy: a Pingora edge load balancer that understands MCP sessions.
 //!
 //! # Layout
-//! - [`config`]: the YAML file, its validation and the `--listen/--backend` shortcut.
+//! - [`config`]: the YAML file, its validation and the `--listen/--backend` shortcut;
+//!   `config::auth` the `auth:` section and secrets.
+//! - [`request`]: the route allow-list (a listener's MCP endpoints, matched on the raw target)
+//!   and request header checks.
+//! - [`auth`]: bearer JWTs and API keys, the principal sent to the backends.
+//! - [`limits`]: rate, concurrency and stream limits per principal; the header deadline.
+//! - [`client_addr`]: the client address behind trusted proxies.
 //! - [`mcp`]: what the proxy reads of MCP requests (session id, protocol version, JSON-RPC
 //!   method) and the JSON-RPC errors it answers with.
+//! - [`respond`]: the answers the proxy writes itself.
 //! - [`pool`]: backends' live state (health, drain, counters) and selection per policy.
 //! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
 //! - [`health`]: active health checks and SIGHUP reloads, as a background service.
@@ -12,12 +19,17 @@
 //! - [`state`]: the shared, reloadable snapshot of config and pools.
 
 pub mod admin;
+pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod health;
+pub mod limits;
 pub mod mcp;
 pub mod metrics;
 pub mod pool;
 pub mod proxy;
+pub mod request;
+pub mod respond;
 pub mod state;
 
 use std::sync::Arc;
@@ -76,10 +88,14 @@ pub fn server(config: Config, options: StartOptions) -> Result<(Server, Arc<Shar
             listener: i,
             tls: l.tls.is_some(),
         };
-        let mut service = pingora::proxy::http_proxy_service_with_name(
-            &server.configuration,
-            proxy,
-            &format!("mcp-proxy {}", l.address),
+        let mut http = pingora::proxy::HttpProxy::new(proxy, server.configuration.clone());
+        http.handle_init_modules();
+        let mut service = Service::new(
+            format!("mcp-proxy {}", l.address),
+            limits::HeaderDeadline {
+                inner: Arc::new(http),
+                timeout: config.limits.header_read_timeout,
+            },
         );
         let address = l.address.to_string();
         match &l.tls {

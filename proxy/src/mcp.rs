@@ -140,6 +140,24 @@ pub fn endpoint_session(stream_start: &[u8]) -> Option<String> {
     None
 }
 
+/// The chunk with the first 2024-11-05 `endpoint` event's absolute path (`data: /messages...`)
+/// given the route's `prefix`, so that the client posts back through the same route; `None`
+/// when the chunk has no such line.
+pub fn prefix_endpoint(chunk: &[u8], prefix: &str) -> Option<Bytes> {
+    let at = chunk
+        .windows(6)
+        .position(|w| w == b"data: " || w.starts_with(b"data:/"))?;
+    let value = at + if chunk[at + 5] == b' ' { 6 } else { 5 };
+    if chunk.get(value) != Some(&b'/') {
+        return None;
+    }
+    let mut out = Vec::with_capacity(chunk.len() + prefix.len());
+    out.extend_from_slice(&chunk[..value]);
+    out.extend_from_slice(prefix.as_bytes());
+    out.extend_from_slice(&chunk[value..]);
+    Some(Bytes::from(out))
+}
+
 /// The `sessionId` query parameter of a URI or query string.
 pub fn query_session_id(uri: &str) -> Option<String> {
     let query = uri.split_once('?').map_or(uri, |(_, q)| q);
@@ -217,6 +235,22 @@ mod tests {
         );
         let v: serde_json::Value = serde_json::from_slice(&error_body(None, -1, "x")).unwrap();
         assert!(v["id"].is_null());
+    }
+
+    #[test]
+    fn endpoint_events_get_the_route_prefix() {
+        let got = prefix_endpoint(b"event: endpoint\ndata: /messages?sessionId=a\n\n", "/gh");
+        assert_eq!(
+            got.as_deref(),
+            Some(&b"event: endpoint\ndata: /gh/messages?sessionId=a\n\n"[..])
+        );
+        let got = prefix_endpoint(b"event: endpoint\ndata:/messages?sessionId=a\n\n", "/gh");
+        assert_eq!(
+            got.as_deref(),
+            Some(&b"event: endpoint\ndata:/gh/messages?sessionId=a\n\n"[..])
+        );
+        assert_eq!(prefix_endpoint(b": keep-alive\n\n", "/gh"), None);
+        assert_eq!(prefix_endpoint(b"data: http://x/messages", "/gh"), None);
     }
 
     #[test]

@@ -24,6 +24,10 @@ pub struct Metrics {
     pub health_transitions: IntCounterVec,
     /// 1 when the backend is healthy, else 0.
     pub backend_up: IntGaugeVec,
+    /// Requests refused by authentication, by pool and reason.
+    pub auth_failures: IntCounterVec,
+    /// Requests refused by a limit (429), by pool and limit (`rate`, `concurrency`, `streams`).
+    pub limited: IntCounterVec,
 }
 
 impl Metrics {
@@ -77,6 +81,19 @@ impl Metrics {
             Opts::new("mcp_proxy_backend_up", "1 when the backend is healthy"),
             &["pool", "backend"],
         )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "mcp_proxy_auth_failures_total",
+                "Requests refused by authentication",
+            ),
+            &["pool", "reason"],
+        )?;
+        let limited = IntCounterVec::new(
+            Opts::new("mcp_proxy_limited_total", "Requests refused by a limit"),
+            &["pool", "limit"],
+        )?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(limited.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(sse_streams.clone()))?;
@@ -95,6 +112,8 @@ impl Metrics {
             failovers,
             health_transitions,
             backend_up,
+            auth_failures,
+            limited,
         })
     }
 

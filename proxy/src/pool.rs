@@ -171,6 +171,9 @@ pub struct Pool {
     /// Weighted round-robin order: each backend index repeated `weight` times, interleaved.
     order: Vec<usize>,
     next: AtomicUsize,
+    /// Checks credentials when the pool has an `auth` section.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
+    pub limiter: crate::limits::Limiter,
 }
 
 /// What selection found.
@@ -225,6 +228,15 @@ impl Pool {
                 None
             }
         };
+        // An unchanged auth section keeps its authenticator (and the JWKS it fetched).
+        let auth = config.auth.as_ref().map(|a| {
+            previous
+                .and_then(|p| p.auth.as_ref())
+                .filter(|old| old.config == *a)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(crate::auth::Authenticator::new(a.clone())))
+        });
+        let limiter = crate::limits::Limiter::new(config.limits.clone());
         Self {
             config,
             checker,
@@ -232,6 +244,8 @@ impl Pool {
             weights,
             order,
             next: AtomicUsize::new(0),
+            auth,
+            limiter,
         }
     }
 
@@ -337,6 +351,22 @@ impl Pins {
         }
         pin.last_used = Instant::now();
         Some(pin.clone())
+    }
+
+    /// Every pin of session `id`, whoever's (`principal-hash:id` keys included), for the
+    /// admin explainer.
+    pub fn find_session(&self, id: &str) -> Vec<Pin> {
+        let Ok(m) = self.map.lock() else {
+            return Vec::new();
+        };
+        m.iter()
+            .filter(|(k, _)| {
+                k.as_str() == id
+                    || k.strip_suffix(id)
+                        .is_some_and(|rest| rest.ends_with(':') && rest.len() == 65)
+            })
+            .map(|(_, p)| p.clone())
+            .collect()
     }
 
     pub fn remove(&self, session: &str) {

@@ -12,11 +12,16 @@ use http::header;
 use pingora::http::ResponseHeader;
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
-use pingora::{Error, ErrorSource, ErrorType, Result, RetryType};
+use pingora::{Error, ErrorSource, ErrorType, OrErr, Result, RetryType};
 
-use crate::config::{Cidr, Policy};
+use crate::auth::{self, Principal};
+use crate::client_addr::client_ip;
+use crate::config::Policy;
+use crate::limits::{Refusal, Ticket};
 use crate::mcp;
 use crate::pool::{Pick, Pool};
+use crate::request::{Endpoint, has_content_length, host_name};
+use crate::respond;
 use crate::state::{Shared, Snapshot};
 
 /// Bodies up to this size are read before the backend is chosen, to learn the JSON-RPC method
@@ -50,7 +55,7 @@ enum Failure {
 
 pub struct McpProxy {
     pub shared: Arc<Shared>,
-    /// Index of the listener in the config, which names its pool.
+    /// Index of the listener in the config, which names its routes.
     pub listener: usize,
     pub tls: bool,
 }
@@ -81,6 +86,12 @@ pub struct Ctx {
     scan: Option<Vec<u8>>,
     legacy_pin: Option<String>,
     failure: Option<Failure>,
+    /// The route's path prefix (`""` for none), stripped upstream.
+    prefix: Arc<str>,
+    /// The 2024-11-05 `endpoint` event still has to get the route's prefix.
+    rewrite_endpoint: bool,
+    principal: Option<Principal>,
+    ticket: Option<Ticket>,
 }
 
 impl McpProxy {
@@ -98,12 +109,28 @@ impl McpProxy {
         pool: &Pool,
     ) -> std::result::Result<usize, Failure> {
         let r = &pool.config.routing;
-        let exclude = ctx.tried.as_slice();
+        // Backends at their in-flight limit are skipped like tried ones: load is shed with 503
+        // before a backend is overwhelmed.
+        let max = pool.config.limits.backend_max_in_flight;
+        let mut excluded;
+        let exclude = if max > 0 {
+            excluded = ctx.tried.clone();
+            excluded
+                .extend((0..pool.backends.len()).filter(|i| {
+                    pool.backends[*i].active.load(Ordering::Relaxed) >= i64::from(max)
+                }));
+            excluded.as_slice()
+        } else {
+            ctx.tried.as_slice()
+        };
         let usable = |i: usize| pool.backends[i].healthy() && !exclude.contains(&i);
 
         if ctx.kind == Kind::LegacyMessage
             && let Some(sid) = &ctx.session
-            && let Some(pin) = self.shared.legacy.get(sid)
+            && let Some(pin) = self
+                .shared
+                .legacy
+                .get(&pin_key(ctx.principal.as_ref(), sid))
             && pin.pool == pool.config.name
             && let Some(i) = pool.find(&pin.backend)
             && usable(i)
@@ -147,8 +174,12 @@ impl McpProxy {
                 }
             }
             Policy::Persistence => {
-                if let Some(sid) = &ctx.session
-                    && let Some(pin) = self.shared.sessions.get(sid)
+                let key = ctx
+                    .session
+                    .as_deref()
+                    .map(|sid| pin_key(ctx.principal.as_ref(), sid));
+                if let Some(key) = &key
+                    && let Some(pin) = self.shared.sessions.get(key)
                     && pin.pool == pool.config.name
                 {
                     // A draining backend keeps its pinned sessions: they live nowhere else.
@@ -160,7 +191,7 @@ impl McpProxy {
                         // Healthy but already tried: the session is fine, this request failed.
                         Some(i) if pool.backends[i].healthy() => Err(Failure::NoneAvailable),
                         _ => {
-                            self.shared.sessions.remove(sid);
+                            self.shared.sessions.remove(key);
                             Err(Failure::SessionGone)
                         }
                     };
@@ -188,6 +219,126 @@ impl McpProxy {
     fn may_retry(&self, ctx: &Ctx, pool: &Pool) -> bool {
         ctx.attempts <= pool.config.failover.max_retries
     }
+
+    /// Answers a request the proxy refuses itself, with a JSON-RPC error.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        status: u16,
+        code: i32,
+        message: &str,
+        extra: &[(&'static str, String)],
+    ) -> Result<bool> {
+        ctx.status = status;
+        respond::rpc_error(session, ctx.peek.id.as_ref(), status, code, message, extra).await?;
+        Ok(true)
+    }
+
+    /// Authenticates the request when its pool asks for it; `Ok(false)` goes on.
+    async fn authenticate(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        pool: &Pool,
+    ) -> Result<bool> {
+        let Some(a) = pool.auth.clone() else {
+            return Ok(false);
+        };
+        let lines = session
+            .req_header()
+            .headers
+            .get_all(header::AUTHORIZATION)
+            .iter()
+            .map(|v| v.as_bytes());
+        match a.authenticate(lines).await {
+            Ok(p) => {
+                ctx.principal = Some(p);
+                Ok(false)
+            }
+            Err(e) => {
+                let name = pool.config.name.as_str();
+                self.shared
+                    .metrics
+                    .auth_failures
+                    .with_label_values(&[name, e.label()])
+                    .inc();
+                if e != auth::AuthError::Missing {
+                    tracing::warn!(
+                        target: "security",
+                        pool = name,
+                        client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                        reason = e.message(),
+                        "request refused: authentication failed"
+                    );
+                }
+                let mut extra = Vec::new();
+                if let Some(c) = e.challenge(&a.config) {
+                    extra.push(("www-authenticate", c));
+                }
+                if e == auth::AuthError::Unavailable {
+                    extra.push(("retry-after", "5".to_owned()));
+                }
+                self.refuse(session, ctx, e.status(), -32001, e.message(), &extra)
+                    .await
+            }
+        }
+    }
+
+    /// Applies the pool's per-principal limits; `Ok(false)` goes on.
+    async fn limit(&self, session: &mut Session, ctx: &mut Ctx, pool: &Pool) -> Result<bool> {
+        let key = match (&ctx.principal, ctx.client_ip) {
+            (Some(p), _) => p.hash.clone(),
+            (None, Some(ip)) => format!("ip:{ip}"),
+            (None, None) => "ip:-".to_owned(),
+        };
+        let stream = matches!(ctx.kind, Kind::Stream | Kind::LegacyStream);
+        match pool.limiter.admit(&key, stream) {
+            Ok(t) => {
+                ctx.ticket = Some(t);
+                Ok(false)
+            }
+            Err(r) => {
+                let name = pool.config.name.as_str();
+                self.shared
+                    .metrics
+                    .limited
+                    .with_label_values(&[name, r.label()])
+                    .inc();
+                let (message, retry) = match r {
+                    Refusal::Rate(s) => ("rate limit exceeded; retry later", s),
+                    Refusal::Concurrency => ("too many concurrent requests; retry later", 1),
+                    Refusal::Streams => ("too many open streams; close one first", 1),
+                };
+                tracing::info!(
+                    target: "security",
+                    pool = name,
+                    client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                    principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
+                    limit = r.label(),
+                    "request refused by a limit"
+                );
+                self.refuse(
+                    session,
+                    ctx,
+                    429,
+                    -32000,
+                    message,
+                    &[("retry-after", retry.to_string())],
+                )
+                .await
+            }
+        }
+    }
+}
+
+/// Pins are kept per principal and session: another principal presenting the same session id
+/// does not reach the pinned backend through the pin.
+fn pin_key(principal: Option<&Principal>, session: &str) -> String {
+    match principal {
+        Some(p) => format!("{}:{session}", p.hash),
+        None => session.to_owned(),
+    }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -203,67 +354,6 @@ fn cookie<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then_some(v.trim_matches('"'))
         })
-}
-
-/// The client address: the TCP peer, or, when the peer is a trusted proxy, the right-most
-/// `X-Forwarded-For` entry that is not itself trusted.
-pub fn client_ip(peer: Option<IpAddr>, xff: Option<&str>, trusted: &[Cidr]) -> Option<IpAddr> {
-    let peer = peer?;
-    let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
-    if !is_trusted(peer) {
-        return Some(peer);
-    }
-    let mut ip = peer;
-    for part in xff.unwrap_or_default().rsplit(',') {
-        match part.trim().parse::<IpAddr>() {
-            Ok(a) => {
-                ip = a;
-                if !is_trusted(a) {
-                    break;
-                }
-            }
-            Err(_) => break,
-        }
-    }
-    Some(ip)
-}
-
-/// Whether raw request header bytes carry a `Content-Length` line.
-fn has_content_length(raw: &[u8]) -> bool {
-    raw.split(|b| *b == b'\n')
-        .any(|line| line.len() > 15 && line[..15].eq_ignore_ascii_case(b"content-length:"))
-}
-
-/// Writes a JSON-RPC error response and closes the connection afterwards.
-async fn respond(
-    session: &mut Session,
-    ctx: &mut Ctx,
-    status: u16,
-    code: i32,
-    message: &str,
-    retry_after: Option<u64>,
-) -> Result<()> {
-    let body = mcp::error_body(ctx.peek.id.as_ref(), code, message);
-    ctx.status = status;
-    session.set_keepalive(None);
-    write_json(session, status, body, retry_after).await
-}
-
-/// Writes a whole JSON response the proxy answers itself.
-async fn write_json(
-    session: &mut Session,
-    status: u16,
-    body: Bytes,
-    retry_after: Option<u64>,
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(status, Some(4))?;
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    if let Some(s) = retry_after {
-        resp.insert_header(header::RETRY_AFTER, s.to_string())?;
-    }
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await
 }
 
 fn retry_after(pool: &Pool) -> u64 {
@@ -306,36 +396,133 @@ impl ProxyHttp for McpProxy {
             scan: None,
             legacy_pin: None,
             failure: None,
+            prefix: Arc::from(""),
+            rewrite_endpoint: false,
+            principal: None,
+            ticket: None,
         }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        crate::limits::head_read();
+        let snapshot = self.shared.snapshot();
+        let l = &snapshot.config.limits;
+        // Per read of the request body, and per write to the client: a client that stops
+        // reading a stream is cut off.
+        session.set_read_timeout(Some(l.body_read_timeout));
+        session.set_write_timeout(Some(l.client_write_timeout));
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
         let snapshot = self.shared.snapshot();
-        let pool = snapshot.pool_for_listener(self.listener).clone();
-        ctx.pool = Some(pool.clone());
         ctx.snapshot = Some(snapshot.clone());
         let limits = &snapshot.config.limits;
 
         let req = session.req_header();
-        let get = req.method == http::Method::GET;
-        let post = req.method == http::Method::POST;
-        let path = req.uri.path();
-        let kind = if get && path == "/sse" {
-            Kind::LegacyStream
-        } else if post && path == "/messages" {
-            Kind::LegacyMessage
-        } else if get && path == pool.config.mcp_path {
-            Kind::Stream
-        } else {
-            Kind::Post
-        };
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.client_ip = client_ip(
+            peer,
+            req.headers
+                .get_all("x-forwarded-for")
+                .iter()
+                .map(|v| v.as_bytes()),
+            &snapshot.config.trusted_proxies,
+        );
 
-        if get && path == "/health" {
-            let (status, body) = crate::admin::health(&snapshot);
-            ctx.status = status;
-            write_json(session, status, Bytes::from(body), None).await?;
-            return Ok(true);
+        // The route allow-list: only the MCP endpoints of this listener's routes (and their
+        // OAuth metadata) are served, matched on the raw target; everything else is 404 here.
+        let mut hosts = req.headers.get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (Some(_), Some(_)) => {
+                return self
+                    .refuse(session, ctx, 400, -32600, "more than one Host header", &[])
+                    .await;
+            }
+            (Some(h), None) => match host_name(h.as_bytes()) {
+                Some(h) => Some(h),
+                None => {
+                    return self
+                        .refuse(session, ctx, 400, -32600, "invalid Host header", &[])
+                        .await;
+                }
+            },
+            (None, _) => req
+                .uri
+                .authority()
+                .and_then(|a| host_name(a.as_str().as_bytes())),
+        };
+        let get = req.method == http::Method::GET;
+        let Some(entry) = snapshot
+            .routes(self.listener)
+            .find(host.as_deref(), req.raw_path())
+            .cloned()
+        else {
+            if get && req.raw_path() == b"/health" {
+                let (status, _) = crate::admin::health(&snapshot);
+                let body = if status == 200 {
+                    r#"{"status":"ok"}"#
+                } else {
+                    r#"{"status":"degraded"}"#
+                };
+                ctx.status = status;
+                respond::json(session, status, Bytes::from_static(body.as_bytes()), &[]).await?;
+                return Ok(true);
+            }
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    404,
+                    -32601,
+                    "not found: no MCP endpoint at this path",
+                    &[],
+                )
+                .await;
+        };
+        let pool = snapshot.pools[entry.pool].clone();
+        ctx.pool = Some(pool.clone());
+        ctx.prefix = entry.prefix.clone();
+        if !entry.endpoint.allows(&req.method) {
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    405,
+                    -32600,
+                    "method not allowed",
+                    &[("allow", entry.endpoint.allow_header().to_owned())],
+                )
+                .await;
         }
+        let kind = match entry.endpoint {
+            Endpoint::Metadata => {
+                let body = pool
+                    .auth
+                    .as_ref()
+                    .map(|a| auth::metadata(&a.config).to_string())
+                    .unwrap_or_default();
+                ctx.status = 200;
+                respond::json(
+                    session,
+                    200,
+                    Bytes::from(body),
+                    &[("cache-control", "max-age=3600".to_owned())],
+                )
+                .await?;
+                return Ok(true);
+            }
+            Endpoint::Mcp if get => Kind::Stream,
+            Endpoint::Mcp => Kind::Post,
+            Endpoint::LegacyStream => Kind::LegacyStream,
+            Endpoint::LegacyMessage => Kind::LegacyMessage,
+        };
+        ctx.kind = kind;
+        ctx.rewrite_endpoint = kind == Kind::LegacyStream && !ctx.prefix.is_empty();
+        let post = req.method == http::Method::POST;
 
         // Request smuggling guard: with both framing headers pingora drops Content-Length and
         // goes on (RFC 9112 allows that); an edge proxy refuses such a request instead.
@@ -346,16 +533,16 @@ impl ProxyHttp for McpProxy {
                     .as_http1()
                     .is_some_and(|h1| has_content_length(&h1.get_headers_raw_bytes())))
         {
-            respond(
-                session,
-                ctx,
-                400,
-                -32600,
-                "request has both Content-Length and Transfer-Encoding",
-                None,
-            )
-            .await?;
-            return Ok(true);
+            return self
+                .refuse(
+                    session,
+                    ctx,
+                    400,
+                    -32600,
+                    "request has both Content-Length and Transfer-Encoding",
+                    &[],
+                )
+                .await;
         }
         let header_bytes: usize = req
             .headers
@@ -363,34 +550,39 @@ impl ProxyHttp for McpProxy {
             .map(|(k, v)| k.as_str().len() + v.len() + 4)
             .sum();
         if header_bytes > limits.max_header_bytes {
-            respond(session, ctx, 431, -32600, "request headers too large", None).await?;
-            return Ok(true);
+            return self
+                .refuse(session, ctx, 431, -32600, "request headers too large", &[])
+                .await;
         }
         let content_length = match req.headers.get(header::CONTENT_LENGTH) {
             None => None,
             Some(v) => match v.to_str().ok().and_then(|s| s.trim().parse::<u64>().ok()) {
                 Some(n) => Some(n),
                 None => {
-                    respond(
-                        session,
-                        ctx,
-                        400,
-                        -32600,
-                        "invalid Content-Length header",
-                        None,
-                    )
-                    .await?;
-                    return Ok(true);
+                    return self
+                        .refuse(
+                            session,
+                            ctx,
+                            400,
+                            -32600,
+                            "invalid Content-Length header",
+                            &[],
+                        )
+                        .await;
                 }
             },
         };
         if content_length.is_some_and(|n| n > limits.max_body_bytes) {
-            respond(session, ctx, 413, -32600, "request body too large", None).await?;
+            self.refuse(session, ctx, 413, -32600, "request body too large", &[])
+                .await?;
             // Lingering close: read what the client is still sending (bounded), so it gets to
             // read the 413 instead of a connection reset.
             if content_length.is_some_and(|n| n <= LINGER_LIMIT) {
                 let _ = tokio::time::timeout(LINGER_TIME, session.drain_request_body()).await;
             }
+            return Ok(true);
+        }
+        if self.authenticate(session, ctx, &pool).await? || self.limit(session, ctx, &pool).await? {
             return Ok(true);
         }
         // Read a small POST body first, so that even errors below can echo its id.
@@ -419,8 +611,7 @@ impl ProxyHttp for McpProxy {
             match mcp::session_id(v.as_bytes(), limits.max_session_id_bytes) {
                 Ok(s) => ctx.session = Some(s.to_owned()),
                 Err(mcp::BadHeader(m)) => {
-                    respond(session, ctx, 400, -32600, m, None).await?;
-                    return Ok(true);
+                    return self.refuse(session, ctx, 400, -32600, m, &[]).await;
                 }
             }
         }
@@ -428,25 +619,13 @@ impl ProxyHttp for McpProxy {
             match mcp::protocol_version(v.as_bytes()) {
                 Ok(stateless) => ctx.stateless = stateless,
                 Err(mcp::BadHeader(m)) => {
-                    respond(session, ctx, 400, -32600, m, None).await?;
-                    return Ok(true);
+                    return self.refuse(session, ctx, 400, -32600, m, &[]).await;
                 }
             }
         }
-        ctx.kind = kind;
         if kind == Kind::LegacyMessage {
             ctx.session = req.uri.query().and_then(mcp::query_session_id);
         }
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let xff = req
-            .headers
-            .get("x-forwarded-for")
-            .and_then(|v| v.to_str().ok());
-        ctx.client_ip = client_ip(peer, xff, &snapshot.config.trusted_proxies);
-
         Ok(false)
     }
 
@@ -506,8 +685,49 @@ impl ProxyHttp for McpProxy {
         &self,
         session: &mut Session,
         upstream: &mut pingora::http::RequestHeader,
-        _ctx: &mut Ctx,
+        ctx: &mut Ctx,
     ) -> Result<()> {
+        // Identity headers come from the proxy only: whatever the client sent is dropped.
+        let forged: Vec<http::HeaderName> = upstream
+            .headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(auth::PRINCIPAL))
+            .cloned()
+            .collect();
+        for k in forged {
+            upstream.remove_header(&k);
+        }
+        if let Some(a) = ctx.pool.as_ref().and_then(|p| p.auth.clone()) {
+            // No token passthrough: the backend is not the token's audience.
+            if !a.config.forward_authorization {
+                upstream.remove_header(&header::AUTHORIZATION);
+            }
+            if let (Some(p), Some(secret)) = (&ctx.principal, &a.config.principal_secret) {
+                let (scopes, signature) = p.sign(secret, auth::unix_now());
+                upstream.insert_header(auth::PRINCIPAL, &p.header)?;
+                if !scopes.is_empty() {
+                    upstream.insert_header(auth::PRINCIPAL_SCOPES, scopes)?;
+                }
+                upstream.insert_header(auth::PRINCIPAL_SIGNATURE, signature)?;
+            }
+        }
+        if !ctx.prefix.is_empty()
+            && let Some(pool) = &ctx.pool
+        {
+            let path = match ctx.kind {
+                Kind::Post | Kind::Stream => pool.config.mcp_path.as_str(),
+                Kind::LegacyStream => "/sse",
+                Kind::LegacyMessage => "/messages",
+            };
+            let target = match upstream.uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_owned(),
+            };
+            let uri = target
+                .parse::<http::Uri>()
+                .or_err(ErrorType::InternalError, "rewriting the upstream path")?;
+            upstream.set_uri(uri);
+        }
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
             let xff = match upstream
                 .headers
@@ -664,9 +884,12 @@ impl ProxyHttp for McpProxy {
                 .with_label_values(&[name])
                 .inc();
             if r.uses(Policy::Persistence) {
-                self.shared
-                    .sessions
-                    .insert(sid, name, &b.name, r.persistence_ttl);
+                self.shared.sessions.insert(
+                    &pin_key(ctx.principal.as_ref(), sid),
+                    name,
+                    &b.name,
+                    r.persistence_ttl,
+                );
             }
         }
         if let Some(sid) = &ctx.session
@@ -674,7 +897,9 @@ impl ProxyHttp for McpProxy {
             && ((session.req_header().method == http::Method::DELETE && resp.status.is_success())
                 || resp.status == http::StatusCode::NOT_FOUND)
         {
-            self.shared.sessions.remove(sid);
+            self.shared
+                .sessions
+                .remove(&pin_key(ctx.principal.as_ref(), sid));
         }
         if ctx.set_cookie {
             resp.append_header(
@@ -702,12 +927,20 @@ impl ProxyHttp for McpProxy {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if ctx.rewrite_endpoint
+            && let Some(chunk) = body.as_mut()
+            && let Some(rewritten) = mcp::prefix_endpoint(chunk, &ctx.prefix)
+        {
+            *chunk = rewritten;
+            ctx.rewrite_endpoint = false;
+        }
         if let (Some(buf), Some(chunk)) = (ctx.scan.as_mut(), body.as_ref()) {
             buf.extend_from_slice(chunk);
             if let Some(sid) = mcp::endpoint_session(buf) {
                 ctx.scan = None;
                 if let (Some(pool), Some(i)) = (&ctx.pool, ctx.backend) {
                     // Lives as long as the stream: `logging` removes it.
+                    let sid = pin_key(ctx.principal.as_ref(), &sid);
                     self.shared.legacy.insert(
                         &sid,
                         &pool.config.name,
@@ -761,7 +994,21 @@ impl ProxyHttp for McpProxy {
             },
         };
         if status > 0 && !ctx.response_started {
-            if let Err(err) = respond(session, ctx, status, code, &message, retry_after).await {
+            ctx.status = status;
+            let extra: Vec<(&'static str, String)> = retry_after
+                .map(|s| ("retry-after", s.to_string()))
+                .into_iter()
+                .collect();
+            if let Err(err) = respond::rpc_error(
+                session,
+                ctx.peek.id.as_ref(),
+                status,
+                code,
+                &message,
+                &extra,
+            )
+            .await
+            {
                 tracing::debug!(error = %err, "cannot send the error response");
             }
         } else if ctx.response_started {
@@ -775,6 +1022,9 @@ impl ProxyHttp for McpProxy {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         self.release(ctx);
+        if let (Some(t), Some(pool)) = (ctx.ticket.take(), &ctx.pool) {
+            pool.limiter.release(t);
+        }
         let Some(pool) = ctx.pool.clone() else {
             return;
         };
@@ -817,6 +1067,7 @@ impl ProxyHttp for McpProxy {
                 backend,
                 mcp_method = ctx.peek.method.as_deref().unwrap_or("-"),
                 session = %short(ctx.session.as_deref()),
+                principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
                 attempts = ctx.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 error = %e.map_or_else(String::new, |e| e.to_string()),
@@ -829,42 +1080,6 @@ impl ProxyHttp for McpProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn forwarded_for_is_believed_only_from_trusted_proxies() {
-        let trusted = vec![Cidr::parse("10.0.0.0/8").unwrap()];
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(
-            client_ip(Some(ip("1.2.3.4")), Some("9.9.9.9"), &trusted),
-            Some(ip("1.2.3.4"))
-        );
-        assert_eq!(
-            client_ip(Some(ip("10.0.0.5")), Some("9.9.9.9, 10.0.0.7"), &trusted),
-            Some(ip("9.9.9.9"))
-        );
-        assert_eq!(
-            client_ip(Some(ip("10.0.0.5")), Some("garbage, 8.8.8.8"), &trusted),
-            Some(ip("8.8.8.8"))
-        );
-        assert_eq!(
-            client_ip(Some(ip("10.0.0.5")), None, &trusted),
-            Some(ip("10.0.0.5"))
-        );
-        assert_eq!(
-            client_ip(Some(ip("10.0.0.5")), Some("9.9.9.9"), &[]),
-            Some(ip("10.0.0.5"))
-        );
-    }
-
-    #[test]
-    fn content_length_lines_are_found_in_raw_headers() {
-        assert!(has_content_length(
-            b"POST / HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 5\r\n\r\n"
-        ));
-        assert!(!has_content_length(
-            b"POST / HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n"
-        ));
-    }
 
     #[test]
     fn short_session_ids_in_logs() {

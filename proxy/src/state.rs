@@ -6,9 +6,11 @@ use std::sync::Mutex;
 
 use arc_swap::ArcSwap;
 
+use crate::config::Route;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
 use crate::pool::{Pool, Transition};
+use crate::request::RouteTable;
 
 /// One consistent view of the config and its pools. Requests load it once and keep it, so a
 /// reload never changes the rules under a request in flight.
@@ -16,6 +18,8 @@ use crate::pool::{Pool, Transition};
 pub struct Snapshot {
     pub config: Config,
     pub pools: Vec<Arc<Pool>>,
+    /// The public paths of each listener, by listener index.
+    pub routes: Vec<RouteTable>,
 }
 
 impl Snapshot {
@@ -23,13 +27,12 @@ impl Snapshot {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
-    /// The pool behind listener `index`; the first pool if the listener is gone after a reload.
-    pub fn pool_for_listener(&self, index: usize) -> &Arc<Pool> {
-        self.config
-            .listeners
-            .get(index)
-            .and_then(|l| self.pool(&l.pool))
-            .unwrap_or(&self.pools[0])
+    /// The routes of listener `index` (none if the listener is gone after a reload).
+    pub fn routes(&self, index: usize) -> &RouteTable {
+        static EMPTY: RouteTable = RouteTable {
+            entries: Vec::new(),
+        };
+        self.routes.get(index).unwrap_or(&EMPTY)
     }
 }
 
@@ -64,32 +67,39 @@ impl Shared {
     }
 
     /// Swaps in `config`. Backends that keep their pool, name and address keep their health,
-    /// drain flag and counters. Listener, admin and thread changes need a restart or a graceful
-    /// upgrade; they are reported and otherwise ignored.
-    pub fn apply(&self, mut config: Config) -> Vec<String> {
+    /// drain flag and counters. Listener and thread changes need a restart or a graceful
+    /// upgrade; they are reported and otherwise ignored. A changed `admin` section is refused
+    /// whole: a reload must never turn admin authentication off or change it.
+    pub fn apply(&self, mut config: Config) -> Result<Vec<String>, ReloadError> {
         let _guard = self.reload_lock.lock();
         let old = self.snapshot();
+        if config.admin != old.config.admin {
+            return Err(ReloadError::AdminChanged);
+        }
         let mut warnings = Vec::new();
         if config.listeners != old.config.listeners {
             warnings.push(
                 "listeners changed: takes effect after a restart or graceful upgrade".to_owned(),
             );
-            // Keep serving the listeners that exist, with their pools from the new file where
-            // it still has them.
+            // Keep serving the listeners that exist, with their routes from the new file where
+            // it still has them (validation checked their pools).
             let mut kept = old.config.listeners.clone();
             for (k, l) in kept.iter_mut().enumerate() {
-                if let Some(new) = config.listeners.get(k)
-                    && config.pools.iter().any(|p| p.name == new.pool)
-                {
-                    l.pool = new.pool.clone();
-                } else if !config.pools.iter().any(|p| p.name == l.pool) {
-                    l.pool = config.pools[0].name.clone();
+                if let Some(new) = config.listeners.get(k) {
+                    l.routes = new.routes.clone();
+                } else {
+                    l.routes
+                        .retain(|r| config.pools.iter().any(|p| p.name == r.pool));
+                    if l.routes.is_empty() {
+                        l.routes.push(Route {
+                            pool: config.pools[0].name.clone(),
+                            host: None,
+                            prefix: String::new(),
+                        });
+                    }
                 }
             }
             config.listeners = kept;
-        }
-        if config.admin != old.config.admin {
-            warnings.push("admin changed: takes effect after a restart".to_owned());
         }
         if config.server.threads != old.config.server.threads {
             warnings.push("server.threads changed: takes effect after a restart".to_owned());
@@ -97,7 +107,7 @@ impl Shared {
         let snapshot = build(config, Some(&old));
         self.current.store(Arc::new(snapshot));
         self.publish_health();
-        warnings
+        Ok(warnings)
     }
 
     /// Re-reads the config file this proxy was started with.
@@ -109,7 +119,7 @@ impl Shared {
             .clone()
             .ok_or(ReloadError::NoFile)?;
         let config = Config::load(&path)?;
-        Ok(self.apply(config))
+        self.apply(config)
     }
 
     /// Counts and logs a health transition.
@@ -151,6 +161,10 @@ pub enum ReloadError {
     NoFile,
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(
+        "the admin section changed: refused (admin address and token change only with a restart); the running configuration stays"
+    )]
+    AdminChanged,
 }
 
 fn build(config: Config, old: Option<&Snapshot>) -> Snapshot {
@@ -162,5 +176,14 @@ fn build(config: Config, old: Option<&Snapshot>) -> Snapshot {
             Arc::new(Pool::new(p.clone(), previous))
         })
         .collect();
-    Snapshot { config, pools }
+    let routes = config
+        .listeners
+        .iter()
+        .map(|l| RouteTable::new(l, &config.pools))
+        .collect();
+    Snapshot {
+        config,
+        pools,
+        routes,
+    }
 }

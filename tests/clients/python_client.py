@@ -2,15 +2,24 @@
 
 usage: python_client.py BASE_URL MODE   (MODE: legacy | 2026-07-28 | sse)
 
+With MCP_BEARER set, every request carries `Authorization: Bearer $MCP_BEARER` (the SDK's own
+header hooks: an httpx client with default headers, or `sse_client(headers=...)`).
+
 Prints `nodes=<replicas that answered>` and `OK` when the session completed; exits 1 otherwise.
 """
 
+import os
 import re
 import sys
 
 import anyio
 from mcp import Client, ClientSession
 from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared._httpx_utils import create_mcp_http_client
+
+BEARER = os.environ.get("MCP_BEARER")
+HEADERS = {"Authorization": f"Bearer {BEARER}"} if BEARER else None
 
 
 def node_of(result) -> str:
@@ -37,7 +46,10 @@ async def session_calls(call_tool, list_tools) -> set:
 
 async def main(base: str, mode: str) -> None:
     if mode in ("legacy", "2026-07-28"):
-        async with Client(f"{base}/mcp", mode=mode) as client:
+        server = f"{base}/mcp"
+        if HEADERS:
+            server = streamable_http_client(server, http_client=create_mcp_http_client(headers=HEADERS))
+        async with Client(server, mode=mode) as client:
             nodes = await session_calls(client.call_tool, client.list_tools)
             if mode == "legacy":
                 # The counter lives with the session, whichever replica answers.
@@ -47,7 +59,9 @@ async def main(base: str, mode: str) -> None:
                     values.append(int(r.content[0].text))
                 assert values == [1, 2, 3, 4], f"counter lost state across replicas: {values}"
     elif mode == "sse":
-        async with sse_client(f"{base}/sse", timeout=10.0, sse_read_timeout=60.0) as (read, write):
+        async with sse_client(
+            f"{base}/sse", headers=HEADERS, timeout=10.0, sse_read_timeout=60.0
+        ) as (read, write):
             async with ClientSession(read, write) as session:
                 await session.initialize()
                 nodes = await session_calls(session.call_tool, session.list_tools)

@@ -9,9 +9,17 @@ const { Client } = await import(`${sdk}/dist/esm/client/index.js`);
 const { StreamableHTTPClientTransport } = await import(`${sdk}/dist/esm/client/streamableHttp.js`);
 const { SSEClientTransport } = await import(`${sdk}/dist/esm/client/sse.js`);
 
+// With MCP_BEARER set, every request carries the token (the SDK's requestInit headers; the
+// SSE GET takes them through eventSourceInit's fetch).
+const bearer = process.env.MCP_BEARER;
+const headers = bearer ? { Authorization: `Bearer ${bearer}` } : {};
+const requestInit = { headers };
+const eventSourceInit = {
+  fetch: (url, init) => fetch(url, { ...init, headers: { ...(init?.headers ?? {}), ...headers } }),
+};
 const transport = mode === "sse"
-  ? new SSEClientTransport(new URL(`${base}/sse`))
-  : new StreamableHTTPClientTransport(new URL(`${base}/mcp`));
+  ? new SSEClientTransport(new URL(`${base}/sse`), { requestInit, eventSourceInit })
+  : new StreamableHTTPClientTransport(new URL(`${base}/mcp`), { requestInit });
 const client = new Client({ name: "mcp-edge-ts-test", version: "1" });
 try {
   await client.connect(transport);

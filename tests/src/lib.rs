@@ -3,6 +3,14 @@
 //!
 //! Every component binds a free loopback port, is ready when its readiness probe answers
 //! (never after a bare sleep), and is killed on `Drop`.
+//!
+//! # Layout
+//! - this file: processes (Redis, backends, the proxy, a relay) and the MCP client;
+//! - [`idp`]: a test identity provider (keys, a JWKS server, signed and hostile tokens);
+//! - [`capture`]: a fake upstream that records what the proxy forwards.
+
+pub mod capture;
+pub mod idp;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -292,6 +300,7 @@ pub struct Proxy {
     pub dir: TempDir,
     child: Option<Child>,
     http: reqwest::Client,
+    envs: Vec<(String, String)>,
 }
 
 impl Proxy {
@@ -307,6 +316,7 @@ impl Proxy {
             dir,
             child: None,
             http: reqwest::Client::new(),
+            envs: Vec::new(),
         };
         p.write_config(backends, pool_extra)?;
         p.spawn().await?;
@@ -315,6 +325,44 @@ impl Proxy {
 
     pub fn config_path(&self) -> PathBuf {
         self.dir.0.join("proxy.yaml")
+    }
+
+    /// A proxy whose whole config file `render` writes (given the proxy, for its ports and
+    /// directory; [`Proxy::server_yaml`] is the usual `server:` section).
+    pub async fn start_custom(render: impl Fn(&Proxy) -> String) -> Result<Self> {
+        Self::start_custom_env(render, &[]).await
+    }
+
+    /// [`Proxy::start_custom`] with extra environment variables for the process.
+    pub async fn start_custom_env(
+        render: impl Fn(&Proxy) -> String,
+        envs: &[(&str, &str)],
+    ) -> Result<Self> {
+        let dir = TempDir::new("proxy");
+        let (port, admin_port) = (free_port(), free_port());
+        let mut p = Self {
+            port,
+            admin_port,
+            dir,
+            child: None,
+            http: reqwest::Client::new(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        };
+        std::fs::write(p.config_path(), render(&p)).context("write proxy.yaml")?;
+        p.spawn().await?;
+        Ok(p)
+    }
+
+    /// The `server:` section the tests use (short grace periods, files in the proxy's
+    /// directory, `X-MCP-Backend` on).
+    pub fn server_yaml(&self) -> String {
+        format!(
+            "server:\n  threads: 2\n  grace_period_seconds: 1\n  graceful_shutdown_timeout_seconds: 1\n  backend_header: true\n  upgrade_sock: {dir}/upgrade.sock\n  pid_file: {dir}/proxy.pid\n",
+            dir = self.dir.0.display()
+        )
     }
 
     /// Writes the config file (a later SIGHUP or `POST /admin/reload` applies it).
@@ -342,6 +390,7 @@ impl Proxy {
                 "RUST_LOG",
                 std::env::var("TEST_PROXY_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(self.config_path())
             .stdout(if std::env::var_os("TEST_PROXY_LOG").is_some() {
@@ -379,9 +428,15 @@ impl Proxy {
             .await?)
     }
 
-    /// POST on the admin listener; status and JSON.
+    /// POST on the admin listener; status and JSON. It says `Content-Type: application/json`,
+    /// as the admin API asks of every non-browser client.
     pub async fn admin_post(&self, path: &str) -> Result<(u16, Value)> {
-        let r = self.http.post(self.admin_url(path)).send().await?;
+        let r = self
+            .http
+            .post(self.admin_url(path))
+            .header("content-type", "application/json")
+            .send()
+            .await?;
         Ok((r.status().as_u16(), r.json().await?))
     }
 
@@ -422,9 +477,25 @@ pub struct Relay {
 
 impl Relay {
     pub async fn start(backends: Vec<String>) -> Result<Self> {
+        Self::start_with_headers(backends, Vec::new()).await
+    }
+
+    /// A relay that also sets `headers` on every request (e.g. `Authorization` for a client
+    /// that cannot send a token itself).
+    pub async fn start_with_headers(
+        backends: Vec<String>,
+        headers: Vec<(String, String)>,
+    ) -> Result<Self> {
         let port = free_port();
         let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await?;
-        let state = Arc::new((backends, AtomicUsize::new(0), reqwest::Client::new()));
+        let mut extra = reqwest::header::HeaderMap::new();
+        for (k, v) in headers {
+            extra.insert(
+                reqwest::header::HeaderName::from_bytes(k.as_bytes())?,
+                reqwest::header::HeaderValue::from_str(&v)?,
+            );
+        }
+        let state = Arc::new((backends, AtomicUsize::new(0), reqwest::Client::new(), extra));
         let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
             let state = state.clone();
             async move { relay(state, req).await }
@@ -447,10 +518,15 @@ impl Drop for Relay {
 }
 
 async fn relay(
-    state: Arc<(Vec<String>, AtomicUsize, reqwest::Client)>,
+    state: Arc<(
+        Vec<String>,
+        AtomicUsize,
+        reqwest::Client,
+        reqwest::header::HeaderMap,
+    )>,
     req: axum::extract::Request,
 ) -> axum::response::Response {
-    let (backends, next, http) = &*state;
+    let (backends, next, http, extra) = &*state;
     let target = &backends[next.fetch_add(1, Ordering::Relaxed) % backends.len()];
     let path = req
         .uri()
@@ -459,7 +535,10 @@ async fn relay(
         .unwrap_or_default();
     let method = req.method().clone();
     // Host passes through unchanged, as from a proxy with `proxy_set_header Host $host`.
-    let headers = req.headers().clone();
+    let mut headers = req.headers().clone();
+    for (k, v) in extra {
+        headers.insert(k, v.clone());
+    }
     let body = axum::body::to_bytes(req.into_body(), 16 << 20)
         .await
         .unwrap_or_default();
@@ -588,6 +667,8 @@ pub struct McpClient {
     pub http: reqwest::Client,
     pub session: Option<String>,
     pub protocol: String,
+    /// Sent as `Authorization: Bearer <token>` when set.
+    pub bearer: Option<String>,
 }
 
 impl Default for McpClient {
@@ -602,6 +683,7 @@ impl McpClient {
             http: reqwest::Client::new(),
             session: None,
             protocol: "2025-11-25".into(),
+            bearer: None,
         }
     }
 
@@ -614,6 +696,9 @@ impl McpClient {
             .header("mcp-protocol-version", &self.protocol);
         if let Some(s) = &self.session {
             r = r.header("mcp-session-id", s);
+        }
+        if let Some(t) = &self.bearer {
+            r = r.bearer_auth(t);
         }
         r
     }
@@ -746,6 +831,9 @@ impl McpClient {
         }
         if let Some(id) = last_event_id {
             r = r.header("last-event-id", id);
+        }
+        if let Some(t) = &self.bearer {
+            r = r.bearer_auth(t);
         }
         Ok(stream_events(r.send().await?))
     }

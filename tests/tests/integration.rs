@@ -12,6 +12,11 @@ use tests::{
 
 const WAIT: Duration = Duration::from_secs(10);
 
+#[path = "suites/backend_security.rs"]
+mod backend_security;
+#[path = "suites/edge_security.rs"]
+mod edge_security;
+
 async fn cluster(n: usize, aof: bool) -> (Redis, Vec<Backend>) {
     let redis = Redis::start(aof)
         .await
@@ -1299,7 +1304,9 @@ async fn session_hash_header_and_cookie_policies_reload_and_drain() {
 async fn every_config_file_parses_and_bad_keys_are_named() {
     let conf = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conf");
     let run = |args: Vec<String>| {
+        // The shipped docker and Kubernetes files read the admin token from the environment.
         let out = std::process::Command::new(tests::binary("mcp-proxy"))
+            .env("MCP_ADMIN_TOKEN", "test-admin-token-0123456789abcdef")
             .args(args)
             .output()
             .expect("run mcp-proxy");
@@ -1398,6 +1405,31 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
             "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], routing: {stream: sticky}}]\n",
             "pools[0].routing.stream",
             "sticky",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\nadmin: {address: 0.0.0.0:9}\npools: [{name: p, backends: [{address: 127.0.0.1:2}]}]\n",
+            "admin.address",
+            "needs admin.token",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\nadmin: {address: 0.0.0.0:9, token: env:MCP_EDGE_UNSET_TOKEN_VAR}\npools: [{name: p, backends: [{address: 127.0.0.1:2}]}]\n",
+            "admin.token",
+            "MCP_EDGE_UNSET_TOKEN_VAR",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1, routes: [{pool: p, path_prefix: /a/}]}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}]}]\n",
+            "listeners[0].routes[0].path_prefix",
+            "/a/",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], auth: {resource: 'https://x/mcp', jwt: {issuer: i, jwks_url: 'http://idp.example/jwks'}}}]\n",
+            "pools[0].auth.jwt.jwks_url",
+            "http://idp.example/jwks",
+        ),
+        (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], auth: {resource: 'https://x/mcp', jwt: {issuer: i, algorithms: [none]}}}]\n",
+            "pools[0].auth.jwt.algorithms[0]",
+            "none",
         ),
     ] {
         let path = dir.0.join("bad.yaml");
