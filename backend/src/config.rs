@@ -86,6 +86,27 @@ impl std::fmt::Debug for Secret {
     }
 }
 
+/// `url` with the password of its userinfo replaced by `***`, for errors and `--test` output.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let user = userinfo.split_once(':').map_or("", |(u, _)| u);
+            let masked = if userinfo.contains(':') {
+                format!("{user}:***")
+            } else {
+                "***".to_owned()
+            };
+            format!("{scheme}://{masked}{}", &rest[at..])
+        }
+        None => url.to_owned(),
+    }
+}
+
 fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> ConfigError {
     ConfigError::Invalid {
         key,
@@ -250,7 +271,7 @@ impl FileConfig {
             Some(url) if url.trim().is_empty() => None,
             Some(url) => {
                 redis::Client::open(url.as_str())
-                    .map_err(|_| invalid("redis_url", &url, "not a redis:// URL"))?;
+                    .map_err(|_| invalid("redis_url", redact_url(&url), "not a redis:// URL"))?;
                 Some(url)
             }
             None => None,
@@ -541,6 +562,27 @@ mod tests {
         let Ok(c) = f.validate() else { panic!("valid") };
         assert_eq!(c.listen.port(), 4321, "PORT overrides the file");
         assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6390"));
+    }
+
+    #[test]
+    fn redis_passwords_never_show() {
+        assert_eq!(
+            redact_url("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redact_url("rediss://:hunter2@h"), "rediss://:***@h");
+        assert_eq!(redact_url("redis://hunter2@h"), "redis://***@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        let file = FileConfig {
+            redis_url: Some("redis://:hunter2@h:notaport".into()),
+            ..FileConfig::default()
+        };
+        let e = file
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(e.contains("redis_url") && !e.contains("hunter2"), "{e}");
     }
 
     #[test]

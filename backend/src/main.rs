@@ -58,7 +58,10 @@ fn main() -> anyhow::Result<()> {
     }
     let config = file.validate()?;
     if cli.test {
-        println!("configuration ok: {config:#?}");
+        // The Redis URL may carry a password: never print it.
+        let mut shown = config.clone();
+        shown.redis_url = shown.redis_url.as_deref().map(backend::config::redact_url);
+        println!("configuration ok: {shown:#?}");
         return Ok(());
     }
     let filter =

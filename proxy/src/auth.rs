@@ -36,6 +36,7 @@ const MAX_TOKEN_BYTES: usize = 16 * 1024;
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const JWKS_FETCH_ATTEMPTS: u32 = 3;
+const MALFORMED_HEADER: &str = "malformed token header";
 
 /// Who a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,12 +400,17 @@ impl Authenticator {
             return Err(AuthError::BadRequest("more than one Authorization header"));
         }
         let token = bearer_token(value)?;
-        let principal =
-            if token.bytes().filter(|b| *b == b'.').count() == 2 && self.config.jwt.is_some() {
-                self.jwt(token).await?
-            } else {
-                self.api_key(token)?
-            };
+        let jwt_shaped = token.bytes().filter(|b| *b == b'.').count() == 2;
+        let principal = match self.config.jwt {
+            Some(_) if jwt_shaped => match self.jwt(token).await {
+                // Not a JWT after all (an API key with two dots, say).
+                Err(AuthError::Invalid(MALFORMED_HEADER)) if !self.config.api_keys.is_empty() => {
+                    self.api_key(token)?
+                }
+                other => other?,
+            },
+            _ => self.api_key(token)?,
+        };
         let missing = self
             .config
             .required_scopes
@@ -433,8 +439,8 @@ impl Authenticator {
         let Some(jwt) = &self.config.jwt else {
             return Err(AuthError::Invalid("unknown or malformed token"));
         };
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|_| AuthError::Invalid("malformed token header"))?;
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| AuthError::Invalid(MALFORMED_HEADER))?;
         if !jwt.algorithms.contains(&header.alg) {
             return Err(AuthError::Invalid("token algorithm not accepted"));
         }

@@ -85,6 +85,19 @@ impl Limiter {
         &self.limits
     }
 
+    /// Takes one token from `key`'s bucket without admitting anything: failed
+    /// authentications pay from the client address's bucket, so guessing keys is as slow as
+    /// the rate allows.
+    pub fn charge(&self, key: &str) -> Result<(), Refusal> {
+        match &self.rate {
+            Some(rate) => rate.check_key(&key.to_owned()).map_err(|not_until| {
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                Refusal::Rate(wait.as_secs().max(1))
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Takes one request of `key` through the rate and concurrency limits; a stream (a GET
     /// that opens SSE) also counts against the stream limit.
     pub fn admit(&self, key: &str, stream: bool) -> Result<Ticket, Refusal> {

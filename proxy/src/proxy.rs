@@ -245,6 +245,10 @@ impl McpProxy {
         let Some(a) = pool.auth.clone() else {
             return Ok(false);
         };
+        // A CORS preflight carries no credentials by design; it cannot do anything upstream.
+        if session.req_header().method == http::Method::OPTIONS {
+            return Ok(false);
+        }
         let lines = session
             .req_header()
             .headers
@@ -263,6 +267,29 @@ impl McpProxy {
                     .auth_failures
                     .with_label_values(&[name, e.label()])
                     .inc();
+                // Failures pay from the client address's bucket: guessing is rate limited.
+                let ip = format!(
+                    "ip:{}",
+                    ctx.client_ip
+                        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+                );
+                if let Err(Refusal::Rate(s)) = pool.limiter.charge(&ip) {
+                    self.shared
+                        .metrics
+                        .limited
+                        .with_label_values(&[name, "rate"])
+                        .inc();
+                    return self
+                        .refuse(
+                            session,
+                            ctx,
+                            429,
+                            -32000,
+                            "rate limit exceeded; retry later",
+                            &[("retry-after", s.to_string())],
+                        )
+                        .await;
+                }
                 if e != auth::AuthError::Missing {
                     tracing::warn!(
                         target: "security",

@@ -663,8 +663,9 @@ async fn a_burst_over_the_rate_gets_429_while_another_principal_is_served() {
     );
     let mut refused = 0;
     let mut retry_after = None;
-    for _ in 0..20 {
-        let r = list_with(&url, Some(&alice)).await;
+    // All at once: the bucket (5, plus 2 a second) cannot cover 20 however slow the machine.
+    let burst = futures::future::join_all((0..20).map(|_| list_with(&url, Some(&alice)))).await;
+    for r in burst {
         match r.status().as_u16() {
             200 => {}
             429 => {
@@ -687,6 +688,21 @@ async fn a_burst_over_the_rate_gets_429_while_another_principal_is_served() {
     assert!(
         retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1)),
         "429 says when to come back"
+    );
+    // Guessing keys pays from the client address's bucket: a burst of bad tokens turns from
+    // 401 into 429.
+    let url_ref = &url;
+    let guesses = futures::future::join_all((0..20).map(|i| async move {
+        list_with(url_ref, Some(&format!("Bearer guess-{i}-0123456789"))).await
+    }))
+    .await;
+    let limited = guesses.iter().filter(|r| r.status() == 429).count();
+    assert!(
+        limited >= 10
+            && guesses
+                .iter()
+                .all(|r| [401, 429].contains(&r.status().as_u16())),
+        "{limited} of 20 bad tokens at once were rate limited"
     );
     for _ in 0..5 {
         assert_eq!(
@@ -1034,4 +1050,73 @@ async fn the_conformance_suite_passes_through_the_proxy_with_auth_on() {
             "{req}: with auth on through the proxy as on one backend"
         );
     }
+}
+
+#[tokio::test]
+async fn stream_and_in_flight_limits_hold_one_principal_back_and_shed_load() {
+    let upstream = Capture::start().await.expect("capture");
+    let proxy = Proxy::start_custom(|p| {
+        format!(
+            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\npools:\n  - name: mcp\n    backends: [{{address: \"{}\"}}]\n    limits: {{max_streams: 1, backend_max_in_flight: 2}}\n    auth:\n      resource: http://127.0.0.1:{}/mcp\n      api_keys: [{{id: alice, sha256: {}}}, {{id: bob, sha256: {}}}]\n",
+            p.server_yaml(),
+            p.port,
+            p.admin_port,
+            upstream.address(),
+            p.port,
+            sha256_hex(API_KEY),
+            sha256_hex(READER_KEY),
+        )
+    })
+    .await
+    .expect("proxy");
+    let open = |key: &'static str| {
+        reqwest::Client::new()
+            .get(proxy.mcp())
+            .bearer_auth(key)
+            .header("accept", "text/event-stream")
+            .send()
+    };
+    let a1 = open(API_KEY).await.expect("stream");
+    assert_eq!(a1.status(), 200, "alice's first stream");
+    let a2 = open(API_KEY).await.expect("stream");
+    assert_eq!(
+        a2.status(),
+        429,
+        "alice's second stream is over max_streams"
+    );
+    assert!(a2.headers().contains_key("retry-after"));
+    let b1 = open(READER_KEY).await.expect("stream");
+    assert_eq!(b1.status(), 200, "bob has his own stream budget");
+    assert_eventually!(
+        WAIT,
+        "both streams are open upstream",
+        upstream.open_streams() == 2
+    );
+    // The backend now has two requests in flight, its limit: the proxy sheds the next one.
+    let r = reqwest::Client::new()
+        .post(proxy.mcp())
+        .bearer_auth(READER_KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 503, "a full backend is skipped like a down one");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["id"], 7, "{v}");
+    drop((a1, b1));
+    assert_eventually!(
+        WAIT,
+        "the streams closed upstream",
+        upstream.open_streams() == 0
+    );
+    let r = reqwest::Client::new()
+        .post(proxy.mcp())
+        .bearer_auth(READER_KEY)
+        .header("content-type", "application/json")
+        .body(r#"{"jsonrpc":"2.0","id":8,"method":"ping"}"#)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200, "served again once the streams are gone");
 }
