@@ -27,7 +27,7 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
 /// Hosts accepted in `Host` by default: loopback only (DNS-rebinding protection).
 pub const DEFAULT_ALLOWED_HOSTS: [&str; 3] = ["localhost", "127.0.0.1", "::1"];
 /// How far the time in a principal signature may be from this replica's clock.
-pub const DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS: u64 = 300;
+pub const DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS: u64 = 60;
 /// Live sessions one principal may hold (0: unlimited). Anonymous sessions are not counted.
 pub const DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: u64 = 100;
 /// Shortest accepted `principal_secret` (HMAC-SHA256 key): 32 bytes.
@@ -454,7 +454,7 @@ mod tests {
             "principal headers ignored by default"
         );
         assert!(!c.require_principal);
-        assert_eq!(c.principal_max_skew, Duration::from_secs(300));
+        assert_eq!(c.principal_max_skew, Duration::from_secs(60));
         assert_eq!(c.max_sessions_per_principal, 100);
     }
 

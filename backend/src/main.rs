@@ -85,6 +85,11 @@ fn main() -> anyhow::Result<()> {
             store = if config.redis_url.is_some() { "redis" } else { "memory" },
             "mcp-backend ready"
         );
+        if config.principal_secret.is_none() {
+            tracing::warn!(
+                "no principal_secret: callers are anonymous and sessions are not bound to a principal; set it (the same value as the proxy's) behind an authenticating mcp-proxy"
+            );
+        }
         backend::run(config, listener, shutdown_signal()).await?;
         Ok(())
     })

@@ -189,6 +189,17 @@ fn token_matches(req: &pingora::http::RequestHeader, token: &str) -> bool {
     bool::from(given.ct_eq(token.as_bytes()))
 }
 
+/// Whether `Host` is `localhost`, `127.0.0.1` or `[::1]` with the admin port.
+fn loopback_host(req: &pingora::http::RequestHeader, port: u16) -> bool {
+    let mut hosts = req.headers.get_all(http::header::HOST).iter();
+    let (Some(h), None) = (hosts.next(), hosts.next()) else {
+        return false;
+    };
+    ["localhost", "127.0.0.1", "[::1]"]
+        .iter()
+        .any(|name| h.as_bytes() == format!("{name}:{port}").as_bytes())
+}
+
 /// Refuses what a browser page of another origin could send: an `Origin` that is not this
 /// listener's own, or a request without `Content-Type: application/json` or `X-MCP-Admin`.
 fn same_origin_only(req: &pingora::http::RequestHeader) -> Result<(), &'static str> {
@@ -243,6 +254,19 @@ impl ServeHttp for AdminApp {
                 http::HeaderValue::from_static("Bearer"),
             );
             return r;
+        }
+        // Without a token, only loopback names reach the API: a DNS-rebinding page in an
+        // operator's browser sends its own host name.
+        if !open
+            && let Some(a) = &snapshot.config.admin
+            && a.token.is_none()
+            && !loopback_host(req, a.address.port())
+        {
+            tracing::warn!(target: "security", "admin request refused: Host is not a loopback name");
+            return error(
+                StatusCode::FORBIDDEN,
+                "Host must name the loopback admin address",
+            );
         }
         if method != Method::GET
             && let Err(why) = same_origin_only(req)

@@ -37,6 +37,10 @@ const MAX_JWKS_BYTES: usize = 1024 * 1024;
 const JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(5);
 const JWKS_FETCH_ATTEMPTS: u32 = 3;
 const MALFORMED_HEADER: &str = "malformed token header";
+/// What `mcp-backend` accepts: `X-MCP-Principal` up to 1024 characters (so issuer and subject
+/// up to 760 bytes together), `X-MCP-Principal-Scopes` up to 4096.
+const MAX_PRINCIPAL_BYTES: usize = 760;
+const MAX_SCOPES_BYTES: usize = 4096;
 
 /// Who a request comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +56,16 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Scopes beyond what the backends read are not forwarded (called once required scopes
+    /// were checked on the whole list).
+    fn fit_scopes(&mut self) {
+        let mut total = 0;
+        self.scopes.retain(|s| {
+            total += s.len() + 1;
+            total <= MAX_SCOPES_BYTES
+        });
+    }
+
     fn new(kind: &str, value: &str, name: &str, scopes: Vec<String>) -> Self {
         let header = URL_SAFE_NO_PAD.encode(format!("{kind}\n{value}"));
         let hash = hex(&Sha256::digest(header.as_bytes()));
@@ -401,7 +415,7 @@ impl Authenticator {
         }
         let token = bearer_token(value)?;
         let jwt_shaped = token.bytes().filter(|b| *b == b'.').count() == 2;
-        let principal = match self.config.jwt {
+        let mut principal = match self.config.jwt {
             Some(_) if jwt_shaped => match self.jwt(token).await {
                 // Not a JWT after all (an API key with two dots, say).
                 Err(AuthError::Invalid(MALFORMED_HEADER)) if !self.config.api_keys.is_empty() => {
@@ -419,6 +433,7 @@ impl Authenticator {
         if missing {
             return Err(AuthError::InsufficientScope);
         }
+        principal.fit_scopes();
         Ok(principal)
     }
 
@@ -476,6 +491,9 @@ impl Authenticator {
         let c = data.claims;
         if c.sub.is_empty() {
             return Err(AuthError::Invalid("token lacks a required claim"));
+        }
+        if c.iss.len() + c.sub.len() > MAX_PRINCIPAL_BYTES {
+            return Err(AuthError::Invalid("token subject too long"));
         }
         let mut scopes: Vec<String> = match (c.scope, c.scp) {
             (Some(s), _) => s.split_whitespace().map(str::to_owned).collect(),

@@ -68,6 +68,8 @@ pub mod defaults {
     /// Requests in flight on one backend (SSE streams included) before the proxy sheds load
     /// with 503.
     pub const BACKEND_MAX_IN_FLIGHT: u32 = 10_000;
+    /// Failed authentications per client address and second (burst: twice that) before 429.
+    pub const AUTH_FAILURES_PER_SECOND: u32 = 10;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +266,7 @@ pub struct PoolLimitsFile {
     pub max_concurrent_requests: u32,
     pub max_streams: u32,
     pub backend_max_in_flight: u32,
+    pub auth_failures_per_second: u32,
 }
 
 impl Default for PoolLimitsFile {
@@ -274,6 +277,7 @@ impl Default for PoolLimitsFile {
             max_concurrent_requests: defaults::MAX_CONCURRENT_REQUESTS,
             max_streams: defaults::MAX_STREAMS,
             backend_max_in_flight: defaults::BACKEND_MAX_IN_FLIGHT,
+            auth_failures_per_second: defaults::AUTH_FAILURES_PER_SECOND,
         }
     }
 }
@@ -472,6 +476,7 @@ pub struct PoolLimits {
     pub max_concurrent_requests: u32,
     pub max_streams: u32,
     pub backend_max_in_flight: u32,
+    pub auth_failures_per_second: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -739,6 +744,19 @@ impl FileConfig {
                 ));
             }
             pools.push(pool);
+        }
+
+        let mut resources = HashSet::new();
+        for (i, p) in pools.iter().enumerate() {
+            if let Some(a) = &p.auth
+                && !resources.insert(a.resource.clone())
+            {
+                return Err(invalid(
+                    format!("pools[{i}].auth.resource"),
+                    &a.resource,
+                    "two pools with one resource would accept each other's tokens",
+                ));
+            }
         }
 
         if self.listeners.is_empty() {
@@ -1082,6 +1100,11 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         ),
         ("max_streams", l.max_streams, 1_000_000),
         ("backend_max_in_flight", l.backend_max_in_flight, 10_000_000),
+        (
+            "auth_failures_per_second",
+            l.auth_failures_per_second,
+            1_000_000,
+        ),
     ] {
         if v > max {
             return Err(invalid(
@@ -1104,6 +1127,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         max_concurrent_requests: l.max_concurrent_requests,
         max_streams: l.max_streams,
         backend_max_in_flight: l.backend_max_in_flight,
+        auth_failures_per_second: l.auth_failures_per_second,
     };
 
     Ok(PoolConfig {

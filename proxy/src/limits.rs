@@ -26,6 +26,8 @@ use crate::config::PoolLimits;
 pub enum Refusal {
     /// Over the request rate; retry after this many seconds.
     Rate(u64),
+    /// Too many failed authentications from this address; retry after this many seconds.
+    AuthFailures(u64),
     Concurrency,
     Streams,
 }
@@ -34,6 +36,7 @@ impl Refusal {
     pub fn label(self) -> &'static str {
         match self {
             Refusal::Rate(_) => "rate",
+            Refusal::AuthFailures(_) => "auth_failures",
             Refusal::Concurrency => "concurrency",
             Refusal::Streams => "streams",
         }
@@ -50,6 +53,8 @@ struct InFlight {
 pub struct Limiter {
     limits: PoolLimits,
     rate: Option<DefaultKeyedRateLimiter<String>>,
+    /// Failed authentications per client address: always on, so guessing keys is slow.
+    failures: Option<DefaultKeyedRateLimiter<String>>,
     in_flight: Mutex<HashMap<String, InFlight>>,
 }
 
@@ -74,9 +79,14 @@ impl Limiter {
             let burst = NonZeroU32::new(limits.burst).unwrap_or(rps);
             DefaultKeyedRateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
         });
+        let failures = NonZeroU32::new(limits.auth_failures_per_second).map(|rps| {
+            let burst = NonZeroU32::new(rps.get().saturating_mul(2)).unwrap_or(rps);
+            DefaultKeyedRateLimiter::keyed(Quota::per_second(rps).allow_burst(burst))
+        });
         Self {
             limits,
             rate,
+            failures,
             in_flight: Mutex::new(HashMap::new()),
         }
     }
@@ -85,14 +95,13 @@ impl Limiter {
         &self.limits
     }
 
-    /// Takes one token from `key`'s bucket without admitting anything: failed
-    /// authentications pay from the client address's bucket, so guessing keys is as slow as
-    /// the rate allows.
-    pub fn charge(&self, key: &str) -> Result<(), Refusal> {
-        match &self.rate {
-            Some(rate) => rate.check_key(&key.to_owned()).map_err(|not_until| {
+    /// Counts a failed authentication of the client address `key`; past its bucket the
+    /// answer is 429 instead of 401, so guessing keys is slow.
+    pub fn charge_failure(&self, key: &str) -> Result<(), Refusal> {
+        match &self.failures {
+            Some(f) => f.check_key(&key.to_owned()).map_err(|not_until| {
                 let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Refusal::Rate(wait.as_secs().max(1))
+                Refusal::AuthFailures(wait.as_secs().max(1))
             }),
             None => Ok(()),
         }
@@ -138,9 +147,9 @@ impl Limiter {
 
     /// Drops the buckets of keys that are back to full (the background loop calls this).
     pub fn sweep(&self) {
-        if let Some(rate) = &self.rate {
-            rate.retain_recent();
-            rate.shrink_to_fit();
+        for r in [&self.rate, &self.failures].into_iter().flatten() {
+            r.retain_recent();
+            r.shrink_to_fit();
         }
     }
 
@@ -220,6 +229,7 @@ mod tests {
             max_concurrent_requests: conc,
             max_streams: streams,
             backend_max_in_flight: 0,
+            auth_failures_per_second: 1,
         }
     }
 

@@ -173,7 +173,8 @@ pub struct Pool {
     next: AtomicUsize,
     /// Checks credentials when the pool has an `auth` section.
     pub auth: Option<Arc<crate::auth::Authenticator>>,
-    pub limiter: crate::limits::Limiter,
+    /// Kept across reloads that leave `limits` unchanged, so a reload resets no count.
+    pub limiter: Arc<crate::limits::Limiter>,
 }
 
 /// What selection found.
@@ -236,7 +237,11 @@ impl Pool {
                 .cloned()
                 .unwrap_or_else(|| Arc::new(crate::auth::Authenticator::new(a.clone())))
         });
-        let limiter = crate::limits::Limiter::new(config.limits.clone());
+        let limiter = previous
+            .map(|p| &p.limiter)
+            .filter(|l| *l.limits() == config.limits)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(crate::limits::Limiter::new(config.limits.clone())));
         Self {
             config,
             checker,

@@ -245,10 +245,6 @@ impl McpProxy {
         let Some(a) = pool.auth.clone() else {
             return Ok(false);
         };
-        // A CORS preflight carries no credentials by design; it cannot do anything upstream.
-        if session.req_header().method == http::Method::OPTIONS {
-            return Ok(false);
-        }
         let lines = session
             .req_header()
             .headers
@@ -267,28 +263,9 @@ impl McpProxy {
                     .auth_failures
                     .with_label_values(&[name, e.label()])
                     .inc();
-                // Failures pay from the client address's bucket: guessing is rate limited.
-                let ip = format!(
-                    "ip:{}",
-                    ctx.client_ip
-                        .map_or_else(|| "-".to_owned(), |ip| ip.to_string())
-                );
-                if let Err(Refusal::Rate(s)) = pool.limiter.charge(&ip) {
-                    self.shared
-                        .metrics
-                        .limited
-                        .with_label_values(&[name, "rate"])
-                        .inc();
-                    return self
-                        .refuse(
-                            session,
-                            ctx,
-                            429,
-                            -32000,
-                            "rate limit exceeded; retry later",
-                            &[("retry-after", s.to_string())],
-                        )
-                        .await;
+                // Failures pay from the client address's own bucket: guessing is slow.
+                if let Err(r) = pool.limiter.charge_failure(&address_key(ctx.client_ip)) {
+                    return self.refuse_limited(session, ctx, name, r).await;
                 }
                 if e != auth::AuthError::Missing {
                     tracing::warn!(
@@ -314,10 +291,9 @@ impl McpProxy {
 
     /// Applies the pool's per-principal limits; `Ok(false)` goes on.
     async fn limit(&self, session: &mut Session, ctx: &mut Ctx, pool: &Pool) -> Result<bool> {
-        let key = match (&ctx.principal, ctx.client_ip) {
-            (Some(p), _) => p.hash.clone(),
-            (None, Some(ip)) => format!("ip:{ip}"),
-            (None, None) => "ip:-".to_owned(),
+        let key = match &ctx.principal {
+            Some(p) => p.hash.clone(),
+            None => address_key(ctx.client_ip),
         };
         let stream = matches!(ctx.kind, Kind::Stream | Kind::LegacyStream);
         match pool.limiter.admit(&key, stream) {
@@ -326,36 +302,65 @@ impl McpProxy {
                 Ok(false)
             }
             Err(r) => {
-                let name = pool.config.name.as_str();
-                self.shared
-                    .metrics
-                    .limited
-                    .with_label_values(&[name, r.label()])
-                    .inc();
-                let (message, retry) = match r {
-                    Refusal::Rate(s) => ("rate limit exceeded; retry later", s),
-                    Refusal::Concurrency => ("too many concurrent requests; retry later", 1),
-                    Refusal::Streams => ("too many open streams; close one first", 1),
-                };
-                tracing::info!(
-                    target: "security",
-                    pool = name,
-                    client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-                    principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
-                    limit = r.label(),
-                    "request refused by a limit"
-                );
-                self.refuse(
-                    session,
-                    ctx,
-                    429,
-                    -32000,
-                    message,
-                    &[("retry-after", retry.to_string())],
-                )
-                .await
+                let name = pool.config.name.clone();
+                self.refuse_limited(session, ctx, &name, r).await
             }
         }
+    }
+
+    /// Answers 429 for a limit, counted and logged.
+    async fn refuse_limited(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+        name: &str,
+        r: Refusal,
+    ) -> Result<bool> {
+        self.shared
+            .metrics
+            .limited
+            .with_label_values(&[name, r.label()])
+            .inc();
+        let (message, retry) = match r {
+            Refusal::Rate(s) => ("rate limit exceeded; retry later", s),
+            Refusal::AuthFailures(s) => ("too many failed authentications; retry later", s),
+            Refusal::Concurrency => ("too many concurrent requests; retry later", 1),
+            Refusal::Streams => ("too many open streams; close one first", 1),
+        };
+        tracing::info!(
+            target: "security",
+            pool = name,
+            client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+            principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
+            limit = r.label(),
+            "request refused by a limit"
+        );
+        self.refuse(
+            session,
+            ctx,
+            429,
+            -32000,
+            message,
+            &[("retry-after", retry.to_string())],
+        )
+        .await
+    }
+}
+
+/// The limit key of an unauthenticated client: its address, IPv6 by /64 (one host's share of
+/// addresses), so rotating addresses within a prefix does not escape the limits.
+fn address_key(ip: Option<IpAddr>) -> String {
+    match ip {
+        Some(IpAddr::V6(a)) if a.to_ipv4_mapped().is_none() => {
+            let s = a.segments();
+            format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+        Some(IpAddr::V6(a)) => format!(
+            "ip:{}",
+            a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
+        ),
+        Some(ip) => format!("ip:{ip}"),
+        None => "ip:-".to_owned(),
     }
 }
 
@@ -489,11 +494,14 @@ impl ProxyHttp for McpProxy {
             .cloned()
         else {
             if get && req.raw_path() == b"/health" {
-                let (status, _) = crate::admin::health(&snapshot);
-                let body = if status == 200 {
-                    r#"{"status":"ok"}"#
+                let serving = snapshot
+                    .pools
+                    .iter()
+                    .all(|p| p.backends.iter().any(|b| b.available()));
+                let (status, body) = if serving {
+                    (200, r#"{"status":"ok"}"#)
                 } else {
-                    r#"{"status":"degraded"}"#
+                    (503, r#"{"status":"degraded"}"#)
                 };
                 ctx.status = status;
                 respond::json(session, status, Bytes::from_static(body.as_bytes()), &[]).await?;
@@ -1107,6 +1115,23 @@ impl ProxyHttp for McpProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anonymous_limits_key_ipv6_clients_by_their_64_prefix() {
+        let ip = |s: &str| s.parse::<IpAddr>().ok();
+        assert_eq!(
+            address_key(ip("2001:db8:1:2::aa")),
+            address_key(ip("2001:db8:1:2:ffff:1:2:3")),
+            "one /64, one bucket"
+        );
+        assert_ne!(
+            address_key(ip("2001:db8:1:2::1")),
+            address_key(ip("2001:db8:1:3::1"))
+        );
+        assert_eq!(address_key(ip("::ffff:10.0.0.1")), "ip:10.0.0.1");
+        assert_eq!(address_key(ip("10.0.0.1")), "ip:10.0.0.1");
+        assert_eq!(address_key(None), "ip:-");
+    }
 
     #[test]
     fn short_session_ids_in_logs() {

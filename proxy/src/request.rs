@@ -168,7 +168,7 @@ mod tests {
     fn two_pools() -> RouteTable {
         table(
             "{address: 127.0.0.1:1, routes: [{pool: github, path_prefix: /github}, {pool: search, path_prefix: /search}, {pool: search, host: Search.Example, path_prefix: /s}]}",
-            "{name: github, backends: [{address: 127.0.0.1:2}]}, {name: search, backends: [{address: 127.0.0.1:3}], auth: {resource: 'https://search.example/s/mcp', api_keys: [{id: k, sha256: '0000000000000000000000000000000000000000000000000000000000000000'}]}}",
+            "{name: github, backends: [{address: 127.0.0.1:2}]}, {name: search, backends: [{address: 127.0.0.1:3}], auth: {resource: 'https://search.example/s/mcp', api_keys: [{id: k, sha256: '0000000000000000000000000000000000000000000000000000000000000000'}], forward_principal: false}}",
         )
     }
 

@@ -101,6 +101,11 @@ impl Shared {
             }
             config.listeners = kept;
         }
+        if config.limits.header_read_timeout != old.config.limits.header_read_timeout {
+            warnings.push(
+                "limits.header_read_timeout_ms changed: takes effect after a restart".to_owned(),
+            );
+        }
         if config.server.threads != old.config.server.threads {
             warnings.push("server.threads changed: takes effect after a restart".to_owned());
         }

@@ -1407,6 +1407,11 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
             "sticky",
         ),
         (
+            "listeners: [{address: 127.0.0.1:1}]\npools: [{name: p, backends: [{address: 127.0.0.1:2}], auth: {resource: 'https://x/mcp', api_keys: [{id: k, sha256: '0000000000000000000000000000000000000000000000000000000000000000'}]}}]\n",
+            "pools[0].auth.principal_secret",
+            "bind sessions",
+        ),
+        (
             "listeners: [{address: 127.0.0.1:1}]\nadmin: {address: 0.0.0.0:9}\npools: [{name: p, backends: [{address: 127.0.0.1:2}]}]\n",
             "admin.address",
             "needs admin.token",

@@ -79,6 +79,15 @@ pub struct AuthFile {
     /// The HMAC key shared with the backends, which signs `X-MCP-Principal`.
     #[serde(default)]
     pub principal_secret: Option<String>,
+    /// Send the principal to the backends (needs `principal_secret`). Only for backends that
+    /// do not bind sessions to principals: without it every authenticated client shares
+    /// anonymous sessions.
+    #[serde(default = "yes")]
+    pub forward_principal: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -288,6 +297,20 @@ impl AuthFile {
             });
         }
         let principal_secret = match self.principal_secret {
+            None if self.forward_principal => {
+                return Err(invalid(
+                    format!("{key}.principal_secret"),
+                    "<none>",
+                    "needed with auth: the backends bind sessions to the principal it signs (set the same secret on mcp-backend), or set forward_principal: false for backends that cannot",
+                ));
+            }
+            Some(_) if !self.forward_principal => {
+                return Err(invalid(
+                    format!("{key}.forward_principal"),
+                    "false",
+                    "principal_secret is set but would never be used",
+                ));
+            }
             None => None,
             Some(s) => {
                 let k = format!("{key}.principal_secret");
@@ -473,6 +496,7 @@ mod tests {
             }],
             forward_authorization: false,
             principal_secret: None,
+            forward_principal: false,
         }
         .validate("pools[0].auth")
         .unwrap_or_else(|e| panic!("{e}"));

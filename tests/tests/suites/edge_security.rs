@@ -340,6 +340,32 @@ async fn the_admin_api_matches_paths_exactly_and_refuses_what_it_should() {
         .await
         .expect("post");
     assert_eq!(r.status(), 401, "and after SIGHUP too");
+
+    // Without a token (loopback only), a DNS-rebinding page's Host is refused.
+    let open = Proxy::start_custom(|p| render(p, false))
+        .await
+        .expect("proxy");
+    let head = |host: String| {
+        format!(
+            "POST /admin/reload HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nOrigin: http://{host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+    };
+    let r = raw(
+        open.admin_port,
+        head(format!("rebind.evil.example:{}", open.admin_port)).as_bytes(),
+    )
+    .await;
+    assert_eq!(status_of(&r), 403, "a foreign Host without a token: {r}");
+    let r = raw(
+        open.admin_port,
+        head(format!("localhost:{}", open.admin_port)).as_bytes(),
+    )
+    .await;
+    assert_eq!(
+        status_of(&r),
+        200,
+        "localhost reaches the tokenless API: {r}"
+    );
 }
 
 /// A proxy whose pool needs a bearer token: JWTs from `idp` for the resource
@@ -408,7 +434,13 @@ fn challenge(r: &reqwest::Response) -> String {
 async fn bearer_tokens_are_checked_as_the_mcp_authorization_spec_asks() {
     let (_redis, b) = backends(1).await;
     let idp = Idp::start().await.expect("idp");
-    let proxy = authenticated_proxy(&idp, &[&b[0]], "").await;
+    // Many refusals from one address in a row: the failure bucket is opened wide here.
+    let proxy = authenticated_proxy(
+        &idp,
+        &[&b[0]],
+        "    limits: {auth_failures_per_second: 1000}\n",
+    )
+    .await;
     let url = proxy.mcp();
     let aud = url.clone();
     let metadata_url = format!("{}/.well-known/oauth-protected-resource/mcp", proxy.base());
@@ -652,7 +684,7 @@ async fn a_burst_over_the_rate_gets_429_while_another_principal_is_served() {
     let proxy = authenticated_proxy(
         &idp,
         &[&b[0]],
-        "    limits: {requests_per_second: 2, burst: 5}\n",
+        "    limits: {requests_per_second: 2, burst: 5, auth_failures_per_second: 2}\n",
     )
     .await;
     let url = proxy.mcp();
@@ -689,8 +721,8 @@ async fn a_burst_over_the_rate_gets_429_while_another_principal_is_served() {
         retry_after.is_some_and(|s| s.parse::<u64>().is_ok_and(|n| n >= 1)),
         "429 says when to come back"
     );
-    // Guessing keys pays from the client address's bucket: a burst of bad tokens turns from
-    // 401 into 429.
+    // Failed authentications pay from the client address's own bucket (2/s, burst 4 here): a
+    // burst of bad tokens turns from 401 into 429.
     let url_ref = &url;
     let guesses = futures::future::join_all((0..20).map(|i| async move {
         list_with(url_ref, Some(&format!("Bearer guess-{i}-0123456789"))).await
@@ -1057,7 +1089,7 @@ async fn stream_and_in_flight_limits_hold_one_principal_back_and_shed_load() {
     let upstream = Capture::start().await.expect("capture");
     let proxy = Proxy::start_custom(|p| {
         format!(
-            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\npools:\n  - name: mcp\n    backends: [{{address: \"{}\"}}]\n    limits: {{max_streams: 1, backend_max_in_flight: 2}}\n    auth:\n      resource: http://127.0.0.1:{}/mcp\n      api_keys: [{{id: alice, sha256: {}}}, {{id: bob, sha256: {}}}]\n",
+            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\npools:\n  - name: mcp\n    backends: [{{address: \"{}\"}}]\n    limits: {{max_streams: 1, backend_max_in_flight: 2}}\n    auth:\n      resource: http://127.0.0.1:{}/mcp\n      api_keys: [{{id: alice, sha256: {}}}, {{id: bob, sha256: {}}}]\n      forward_principal: false\n",
             p.server_yaml(),
             p.port,
             p.admin_port,
