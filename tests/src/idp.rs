@@ -138,6 +138,13 @@ impl Idp {
         format!("http://127.0.0.1:{}/jwks", self.port)
     }
 
+    /// Writes the published JWKS to `path` (for `jwks_file`).
+    pub fn write_jwks(&self, path: &std::path::Path) -> Result<()> {
+        let keys = self.published.lock().map(|k| k.clone()).unwrap_or_default();
+        std::fs::write(path, serde_json::to_vec(&JwkSet { keys })?)?;
+        Ok(())
+    }
+
     /// Adds key `kid` to the published JWKS (a key rotation).
     pub fn publish(&self, kid: &str) {
         if let (Some((_, _, jwk)), Ok(mut p)) = (self.keys.get(kid), self.published.lock()) {

@@ -308,19 +308,25 @@ impl Proxy {
     /// (every 200 ms; up after 1 success, down after 2 failures) and `X-MCP-Backend` on.
     /// `pool_extra` is YAML added to the pool (indented by 4 spaces), e.g. `routing: {...}`.
     pub async fn start(backends: &[String], pool_extra: &str) -> Result<Self> {
-        let dir = TempDir::new("proxy");
-        let (port, admin_port) = (free_port(), free_port());
-        let mut p = Self {
-            port,
-            admin_port,
-            dir,
-            child: None,
-            http: reqwest::Client::new(),
-            envs: Vec::new(),
-        };
+        let mut p = Self::unstarted(&[]);
         p.write_config(backends, pool_extra)?;
         p.spawn().await?;
         Ok(p)
+    }
+
+    /// Free ports and a directory, nothing running yet.
+    fn unstarted(envs: &[(&str, &str)]) -> Self {
+        Self {
+            port: free_port(),
+            admin_port: free_port(),
+            dir: TempDir::new("proxy"),
+            child: None,
+            http: reqwest::Client::new(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -338,19 +344,7 @@ impl Proxy {
         render: impl Fn(&Proxy) -> String,
         envs: &[(&str, &str)],
     ) -> Result<Self> {
-        let dir = TempDir::new("proxy");
-        let (port, admin_port) = (free_port(), free_port());
-        let mut p = Self {
-            port,
-            admin_port,
-            dir,
-            child: None,
-            http: reqwest::Client::new(),
-            envs: envs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        };
+        let mut p = Self::unstarted(envs);
         std::fs::write(p.config_path(), render(&p)).context("write proxy.yaml")?;
         p.spawn().await?;
         Ok(p)

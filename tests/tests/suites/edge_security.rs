@@ -24,6 +24,29 @@ async fn raw(port: u16, request: &[u8]) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Opens a 2024-11-05 SSE stream and reads up to its first event (the `endpoint` event); the
+/// response is returned to keep the stream open.
+async fn legacy_endpoint(url: &str, bearer: Option<&str>) -> (reqwest::Response, String) {
+    let mut r = reqwest::Client::new()
+        .get(url)
+        .header("accept", "text/event-stream");
+    if let Some(t) = bearer {
+        r = r.bearer_auth(t);
+    }
+    let mut sse = r.send().await.expect("sse");
+    assert_eq!(sse.status(), 200, "GET {url}");
+    let mut head = String::new();
+    while !head.contains("\n\n") {
+        let chunk = tokio::time::timeout(WAIT, sse.chunk())
+            .await
+            .expect("endpoint event in time")
+            .expect("read")
+            .expect("chunk");
+        head.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    (sse, head)
+}
+
 fn status_of(response: &str) -> u16 {
     response
         .split(' ')
@@ -117,22 +140,7 @@ async fn only_mcp_routes_reach_the_backends_and_one_listener_fronts_two_servers(
 
     // The 2024-11-05 transport through a prefix: the endpoint event names the prefixed path.
     let http = reqwest::Client::new();
-    let mut sse = http
-        .get(format!("{base}/github/sse"))
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("sse");
-    assert_eq!(sse.status(), 200);
-    let mut head = String::new();
-    while !head.contains("\n\n") {
-        let chunk = tokio::time::timeout(WAIT, sse.chunk())
-            .await
-            .expect("endpoint event in time")
-            .expect("read")
-            .expect("chunk");
-        head.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (_sse, head) = legacy_endpoint(&format!("{base}/github/sse"), None).await;
     assert!(
         head.contains("data: /github/messages?sessionId="),
         "the endpoint event carries the route prefix: {head}"
@@ -403,6 +411,16 @@ pub fn sha256_hex(s: &str) -> String {
         .collect()
 }
 
+/// The proxy's Prometheus text.
+async fn metrics(proxy: &Proxy) -> String {
+    reqwest::get(proxy.admin_url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 async fn list_with(url: &str, auth: Option<&str>) -> reqwest::Response {
     let mut r = reqwest::Client::new()
         .post(url)
@@ -593,16 +611,85 @@ async fn bearer_tokens_are_checked_as_the_mcp_authorization_spec_asks() {
     );
 
     // The refusals are counted.
-    let metrics = reqwest::get(proxy.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&proxy).await;
     assert!(
         metrics.contains("mcp_proxy_auth_failures_total{pool=\"mcp\",reason=\"invalid_token\"}"),
         "{metrics}"
     );
+}
+
+#[tokio::test]
+async fn a_jwks_file_and_an_explicit_hs256_secret_work_and_the_allow_list_holds() {
+    let (_redis, b) = backends(1).await;
+    let idp = Idp::start().await.expect("idp");
+    let hs_secret = "hs256-shared-secret-0123456789abcdef";
+    let proxy = Proxy::start_custom_env(
+        |p| {
+            let jwks = p.dir.0.join("jwks.json");
+            idp.write_jwks(&jwks).expect("jwks file");
+            let auth = format!(
+                "    auth:\n      resource: http://127.0.0.1:{}/mcp\n      principal_secret: {PRINCIPAL_SECRET}\n      jwt: {{issuer: \"{}\", jwks_file: {}, algorithms: [ES256, HS256], hs256_secret: env:TEST_HS256_SECRET}}\n",
+                p.port,
+                idp.issuer,
+                jwks.display()
+            );
+            format!(
+                "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\npools:\n{}",
+                p.server_yaml(),
+                p.port,
+                p.admin_port,
+                pool_yaml("mcp", &[&b[0]], &auth),
+            )
+        },
+        &[("TEST_HS256_SECRET", hs_secret)],
+    )
+    .await
+    .expect("proxy");
+    let url = proxy.mcp();
+    let good = idp.claims(&url, "carol", "");
+    let bearer = |t: String| format!("Bearer {t}");
+    assert_eq!(
+        list_with(&url, Some(&bearer(idp.token("ec-1", &good))))
+            .await
+            .status(),
+        200,
+        "ES256 against the JWKS file"
+    );
+    assert_eq!(
+        list_with(
+            &url,
+            Some(&bearer(idp::hs256_token(hs_secret.as_bytes(), None, &good)))
+        )
+        .await
+        .status(),
+        200,
+        "HS256 with the configured secret"
+    );
+    for (what, token) in [
+        (
+            "RS256 is not in this pool's allow-list",
+            idp.token("rsa-1", &good),
+        ),
+        (
+            "EdDSA is not in this pool's allow-list",
+            idp.token("ed-1", &good),
+        ),
+        (
+            "HS256 with another secret",
+            idp::hs256_token(b"another-secret-0123456789abcdefgh", None, &good),
+        ),
+        (
+            "HS256 with the RSA public key",
+            idp::hs256_token(&idp.rsa_public_pem, None, &good),
+        ),
+        ("ES256 tampered", idp::tampered(&idp.token("ec-1", &good))),
+    ] {
+        assert_eq!(
+            list_with(&url, Some(&bearer(token))).await.status(),
+            401,
+            "{what}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -743,12 +830,7 @@ async fn a_burst_over_the_rate_gets_429_while_another_principal_is_served() {
             "another principal is served meanwhile"
         );
     }
-    let metrics = reqwest::get(proxy.admin_url("/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&proxy).await;
     assert!(
         metrics.contains("mcp_proxy_limited_total{limit=\"rate\",pool=\"mcp\"}"),
         "{metrics}"
@@ -953,23 +1035,7 @@ async fn a_session_is_404_for_every_other_principal_on_every_route() {
 
     // The 2024-11-05 transport: mallory posts to alice's legacy session.
     let http = reqwest::Client::new();
-    let mut sse = http
-        .get(format!("{}/sse", proxy.base()))
-        .bearer_auth(&alice_token)
-        .header("accept", "text/event-stream")
-        .send()
-        .await
-        .expect("sse");
-    assert_eq!(sse.status(), 200);
-    let mut head = String::new();
-    while !head.contains("\n\n") {
-        let chunk = tokio::time::timeout(WAIT, sse.chunk())
-            .await
-            .expect("endpoint in time")
-            .expect("read")
-            .expect("chunk");
-        head.push_str(&String::from_utf8_lossy(&chunk));
-    }
+    let (_sse, head) = legacy_endpoint(&format!("{}/sse", proxy.base()), Some(&alice_token)).await;
     let endpoint = head
         .lines()
         .find_map(|l| l.strip_prefix("data: "))
@@ -1084,6 +1150,18 @@ async fn the_conformance_suite_passes_through_the_proxy_with_auth_on() {
     }
 }
 
+/// A JSON-RPC ping with id `id`, as the holder of `key`.
+async fn ping_as(proxy: &Proxy, key: &str, id: u64) -> reqwest::Response {
+    reqwest::Client::new()
+        .post(proxy.mcp())
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body(json!({"jsonrpc": "2.0", "id": id, "method": "ping"}).to_string())
+        .send()
+        .await
+        .expect("post")
+}
+
 #[tokio::test]
 async fn stream_and_in_flight_limits_hold_one_principal_back_and_shed_load() {
     let upstream = Capture::start().await.expect("capture");
@@ -1125,14 +1203,7 @@ async fn stream_and_in_flight_limits_hold_one_principal_back_and_shed_load() {
         upstream.open_streams() == 2
     );
     // The backend now has two requests in flight, its limit: the proxy sheds the next one.
-    let r = reqwest::Client::new()
-        .post(proxy.mcp())
-        .bearer_auth(READER_KEY)
-        .header("content-type", "application/json")
-        .body(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#)
-        .send()
-        .await
-        .expect("post");
+    let r = ping_as(&proxy, READER_KEY, 7).await;
     assert_eq!(r.status(), 503, "a full backend is skipped like a down one");
     let v: Value = r.json().await.expect("json");
     assert_eq!(v["id"], 7, "{v}");
@@ -1142,13 +1213,69 @@ async fn stream_and_in_flight_limits_hold_one_principal_back_and_shed_load() {
         "the streams closed upstream",
         upstream.open_streams() == 0
     );
-    let r = reqwest::Client::new()
-        .post(proxy.mcp())
-        .bearer_auth(READER_KEY)
-        .header("content-type", "application/json")
-        .body(r#"{"jsonrpc":"2.0","id":8,"method":"ping"}"#)
-        .send()
-        .await
-        .expect("post");
+    let r = ping_as(&proxy, READER_KEY, 8).await;
     assert_eq!(r.status(), 200, "served again once the streams are gone");
+}
+
+#[tokio::test]
+async fn secrets_never_show_in_test_output_or_errors() {
+    let dir = tests::TempDir::new("secrets");
+    let run = |program: &str, args: &[&str], envs: &[(&str, &str)]| {
+        let out = std::process::Command::new(tests::binary(program))
+            .envs(envs.iter().copied())
+            .args(args)
+            .output()
+            .expect("run");
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let admin = "admin-secret-value-0123456789";
+    let principal = "principal-secret-value-0123456789abcdef";
+    let hs = "hs-secret-value-0123456789abcdefghijkl";
+    let good = dir.0.join("good.yaml");
+    std::fs::write(
+        &good,
+        format!("listeners: [{{address: 127.0.0.1:1}}]\nadmin: {{address: 127.0.0.1:2, token: {admin}}}\npools: [{{name: p, backends: [{{address: 127.0.0.1:3}}], auth: {{resource: 'https://x/mcp', principal_secret: {principal}, jwt: {{issuer: i, algorithms: [HS256], hs256_secret: {hs}}}}}}}]\n"),
+    )
+    .expect("write");
+    let out = run(
+        "mcp-proxy",
+        &["--test", "-c", good.to_str().unwrap_or_default()],
+        &[],
+    );
+    assert!(out.contains("configuration OK"), "{out}");
+    // Too short: the error names the key, never the value.
+    let bad = dir.0.join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!("listeners: [{{address: 127.0.0.1:1}}]\npools: [{{name: p, backends: [{{address: 127.0.0.1:3}}], auth: {{resource: 'https://x/mcp', principal_secret: short-secret, api_keys: [{{id: k, sha256: {principal}}}]}}}}]\n"),
+    )
+    .expect("write");
+    let err = run(
+        "mcp-proxy",
+        &["--test", "-c", bad.to_str().unwrap_or_default()],
+        &[],
+    );
+    assert!(
+        err.contains("principal_secret") || err.contains("sha256"),
+        "{err}"
+    );
+    let backend = run(
+        "mcp-backend",
+        &["--test"],
+        &[
+            ("REDIS_URL", "redis://:redis-password-value@127.0.0.1:1"),
+            ("MCP_PRINCIPAL_SECRET", principal),
+            ("MCP_OPERATIONS_TOKEN", admin),
+        ],
+    );
+    assert!(backend.contains("configuration ok"), "{backend}");
+    for (what, text) in [
+        ("proxy --test", &out),
+        ("proxy error", &err),
+        ("backend --test", &backend),
+    ] {
+        for secret in [admin, principal, hs, "short-secret", "redis-password-value"] {
+            assert!(!text.contains(secret), "{what} shows a secret: {text}");
+        }
+    }
 }
