@@ -289,6 +289,9 @@ pub struct PoolFile {
     pub backends: Vec<BackendFile>,
     #[serde(default = "mcp_path")]
     pub mcp_path: String,
+    /// Serve the 2024-11-05 transport (`/sse`, `/messages`) of this pool's routes.
+    #[serde(default = "serve_legacy")]
+    pub legacy_transport: bool,
     #[serde(default)]
     pub routing: RoutingFile,
     #[serde(default)]
@@ -305,6 +308,10 @@ pub struct PoolFile {
 
 fn mcp_path() -> String {
     defaults::MCP_PATH.into()
+}
+
+fn serve_legacy() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -484,6 +491,7 @@ pub struct PoolConfig {
     pub name: String,
     pub backends: Vec<BackendConfig>,
     pub mcp_path: String,
+    pub legacy_transport: bool,
     pub routing: Routing,
     pub health: HealthConfig,
     pub failover: Failover,
@@ -635,6 +643,7 @@ impl Config {
                     })
                     .collect(),
                 mcp_path: mcp_path(),
+                legacy_transport: true,
                 routing: RoutingFile::default(),
                 health_check: HealthFile::default(),
                 failover: FailoverFile::default(),
@@ -1134,6 +1143,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         name: p.name,
         backends,
         mcp_path: p.mcp_path,
+        legacy_transport: p.legacy_transport,
         routing: Routing {
             post: r.post,
             stream: r.stream,
@@ -1243,11 +1253,14 @@ fn validate_routes(
                 "must be /segment[/segment...] of letters, digits and -._~, without a trailing /",
             ));
         }
-        let mcp_path = pools
-            .iter()
-            .find(|p| p.name == r.pool)
-            .map_or("/mcp", |p| p.mcp_path.as_str());
-        for path in [mcp_path, "/sse", "/messages"] {
+        let pool = pools.iter().find(|p| p.name == r.pool);
+        let mcp_path = pool.map_or("/mcp", |p| p.mcp_path.as_str());
+        let legacy: &[&str] = if pool.is_some_and(|p| p.legacy_transport) {
+            &["/sse", "/messages"]
+        } else {
+            &[]
+        };
+        for path in std::iter::once(&mcp_path).chain(legacy) {
             let full = format!("{prefix}{path}");
             if !public.insert((host.clone(), full.clone())) {
                 return Err(invalid(

@@ -82,8 +82,10 @@ impl RouteTable {
                 });
             };
             add(format!("{}{}", r.prefix, p.mcp_path), Endpoint::Mcp);
-            add(format!("{}/sse", r.prefix), Endpoint::LegacyStream);
-            add(format!("{}/messages", r.prefix), Endpoint::LegacyMessage);
+            if p.legacy_transport {
+                add(format!("{}/sse", r.prefix), Endpoint::LegacyStream);
+                add(format!("{}/messages", r.prefix), Endpoint::LegacyMessage);
+            }
             if let Some(a) = &p.auth {
                 add(a.metadata_path.clone(), Endpoint::Metadata);
                 // Clients that only know the origin ask the root document.
@@ -226,6 +228,11 @@ mod tests {
         );
         let paths: Vec<&str> = t.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, ["/mcp", "/sse", "/messages"]);
+        let t = table(
+            "{address: 127.0.0.1:1}",
+            "{name: mcp, backends: [{address: 127.0.0.1:2}], legacy_transport: false}",
+        );
+        assert!(t.find(None, b"/sse").is_none() && t.find(None, b"/messages").is_none());
     }
 
     #[test]
