@@ -199,6 +199,8 @@ pub struct Backend {
     extra: Vec<String>,
     envs: Vec<(String, String)>,
     child: Option<Child>,
+    /// Its stderr (the log), appended across restarts.
+    log: TempDir,
 }
 
 impl Backend {
@@ -224,9 +226,16 @@ impl Backend {
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
             child: None,
+            log: TempDir::new("backend-log"),
         };
         b.spawn().await?;
         Ok(b)
+    }
+
+    /// What the process logged so far (warnings and up, unless `TEST_BACKEND_LOG` says more;
+    /// with `TEST_BACKEND_LOG` set the log goes to the test's stderr instead).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.0.join("stderr.log")).unwrap_or_default()
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -246,7 +255,11 @@ impl Backend {
             .stderr(if std::env::var_os("TEST_BACKEND_LOG").is_some() {
                 Stdio::inherit()
             } else {
-                Stdio::null()
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.log.0.join("stderr.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from)
             })
             .kill_on_drop(true);
         if let Some(url) = &self.redis_url {

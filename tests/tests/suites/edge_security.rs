@@ -939,7 +939,7 @@ async fn bound_cluster(idp: &Idp) -> (Redis, Vec<Backend>, Proxy) {
 #[tokio::test]
 async fn a_session_is_404_for_every_other_principal_on_every_route() {
     let idp = Idp::start().await.expect("idp");
-    let (_redis, _b, proxy) = bound_cluster(&idp).await;
+    let (_redis, b, proxy) = bound_cluster(&idp).await;
     let url = proxy.mcp();
     let alice_token = idp.token("rsa-1", &idp.claims(&url, "alice", "mcp:tools"));
     let mallory_token = idp.token("ec-1", &idp.claims(&url, "mallory", "mcp:tools"));
@@ -1055,6 +1055,13 @@ async fn a_session_is_404_for_every_other_principal_on_every_route() {
     );
     let ok = post_legacy(&alice_token).await.expect("post").status();
     assert!(ok.is_success(), "alice's own legacy post: {ok}");
+
+    // Each attempt was logged as a security event, with shortened ids only.
+    let logs: String = b.iter().map(Backend::log).collect();
+    let events = logs.matches("session used by another principal").count();
+    assert!(events >= 10, "{events} security events logged:\n{logs}");
+    assert!(logs.contains("security"), "{logs}");
+    assert!(!logs.contains(&sid), "a full session id in the log:\n{logs}");
 }
 
 /// Runs an SDK client script; `(succeeded, stdout + stderr)`.
