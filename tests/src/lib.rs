@@ -199,7 +199,7 @@ pub struct Backend {
     extra: Vec<String>,
     envs: Vec<(String, String)>,
     child: Option<Child>,
-    /// Its stderr (the log), appended across restarts.
+    /// Its log (stdout), appended across restarts.
     log: TempDir,
 }
 
@@ -235,7 +235,7 @@ impl Backend {
     /// What the process logged so far (warnings and up, unless `TEST_BACKEND_LOG` says more;
     /// with `TEST_BACKEND_LOG` set the log goes to the test's stderr instead).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log.0.join("stderr.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log.0.join("output.log")).unwrap_or_default()
     }
 
     async fn spawn(&mut self) -> Result<()> {
@@ -251,15 +251,20 @@ impl Backend {
             .env("PORT", self.port.to_string())
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .args(&self.extra)
-            .stdout(Stdio::null())
-            .stderr(if std::env::var_os("TEST_BACKEND_LOG").is_some() {
+            // The log (tracing writes to stdout) goes to a file the test can read.
+            .stdout(if std::env::var_os("TEST_BACKEND_LOG").is_some() {
                 Stdio::inherit()
             } else {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(self.log.0.join("stderr.log"))
+                    .open(self.log.0.join("output.log"))
                     .map_or_else(|_| Stdio::null(), Stdio::from)
+            })
+            .stderr(if std::env::var_os("TEST_BACKEND_LOG").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
             })
             .kill_on_drop(true);
         if let Some(url) = &self.redis_url {

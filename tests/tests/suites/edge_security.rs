@@ -1061,7 +1061,10 @@ async fn a_session_is_404_for_every_other_principal_on_every_route() {
     let events = logs.matches("session used by another principal").count();
     assert!(events >= 10, "{events} security events logged:\n{logs}");
     assert!(logs.contains("security"), "{logs}");
-    assert!(!logs.contains(&sid), "a full session id in the log:\n{logs}");
+    assert!(
+        !logs.contains(&sid),
+        "a full session id in the log:\n{logs}"
+    );
 }
 
 /// Runs an SDK client script; `(succeeded, stdout + stderr)`.
