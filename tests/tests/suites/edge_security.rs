@@ -842,7 +842,7 @@ async fn slowloris_and_clients_that_stop_reading_are_cut_off_while_others_are_se
     let upstream = Capture::start().await.expect("capture");
     let proxy = Proxy::start_custom(|p| {
         format!(
-            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\nlimits: {{header_read_timeout_ms: 1000, client_write_timeout_ms: 1000}}\npools:\n  - name: mcp\n    backends: [{{address: \"{}\"}}]\n",
+            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\nlimits: {{header_read_timeout_ms: 1000, body_read_timeout_ms: 1000, client_write_timeout_ms: 1000}}\npools:\n  - name: mcp\n    backends: [{{address: \"{}\"}}]\n",
             p.server_yaml(),
             p.port,
             p.admin_port,
@@ -887,6 +887,25 @@ async fn slowloris_and_clients_that_stop_reading_are_cut_off_while_others_are_se
         took < Duration::from_secs(4),
         "the slowloris connection was closed after {took:?}"
     );
+
+    // A slow upload: the head arrives, then 10 of 100 body bytes, then nothing. The body read
+    // times out and the connection is closed; the upstream never sees a partial request.
+    let before = upstream.requests().len();
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", proxy.port))
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    s.write_all(b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"jsonrpc\"")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the stalled upload was cut after {:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.requests().len(), before, "nothing was forwarded");
 
     // A client that opens a stream and never reads: once the buffers are full, writes to it
     // time out and the proxy lets go of the upstream stream too.
