@@ -34,15 +34,14 @@ pub struct AdminApp {
     pub shared: Arc<Shared>,
 }
 
-/// The health document shared by the admin and the proxy listeners.
+/// The health document of the admin listener (the proxy listeners answer only its status).
 pub fn health(snapshot: &Snapshot) -> (u16, Vec<u8>) {
-    let mut all_serving = true;
+    let all_serving = snapshot.serving();
     let pools: Vec<Value> = snapshot
         .pools
         .iter()
         .map(|p| {
             let available = p.backends.iter().filter(|b| b.available()).count();
-            all_serving &= available > 0;
             json!({
                 "name": p.config.name,
                 "available": available,

@@ -77,6 +77,11 @@ impl Principal {
         }
     }
 
+    /// The start of `hash`, for logs.
+    pub fn short(&self) -> &str {
+        self.hash.get(..12).unwrap_or(&self.hash)
+    }
+
     /// `X-MCP-Principal-Scopes` and `X-MCP-Principal-Signature` for this principal, signed at
     /// `now` (unix seconds): `t=<now>,v1=<hex HMAC-SHA256(secret, "t\nprincipal\nscopes")>`.
     pub fn sign(&self, secret: &Secret, now: u64) -> (String, String) {
@@ -200,6 +205,13 @@ enum ScopeList {
     Many(Vec<String>),
 }
 
+/// What asks for a JWKS fetch.
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    UnknownKid,
+    Schedule,
+}
+
 /// Keys by `kid` (`""` for a key without one).
 #[derive(Default)]
 struct Keys {
@@ -284,25 +296,32 @@ impl Authenticator {
         Ok(n)
     }
 
-    /// Fetches the JWKS URL (bounded attempts with backoff) unless another fetch ran within
-    /// the minimum interval; `force` ignores that interval (the periodic refresh).
-    async fn fetch(&self, force: bool) {
+    /// Whether a fetch for `trigger` is due now. An unknown `kid` refetches at most every
+    /// `jwks_min_refetch_seconds`; the schedule every `jwks_refresh_seconds` (never more often
+    /// than the minimum); without keys, every minimum interval either way.
+    fn due(&self, trigger: Trigger) -> bool {
+        let Some(jwt) = &self.config.jwt else {
+            return false;
+        };
+        let Some(last) = self.last_fetch.lock().ok().and_then(|t| *t) else {
+            return true;
+        };
+        let wait = match trigger {
+            _ if !self.keys.load().loaded => jwt.min_refetch,
+            Trigger::UnknownKid => jwt.min_refetch,
+            Trigger::Schedule => jwt.refresh.max(jwt.min_refetch),
+        };
+        last.elapsed() >= wait
+    }
+
+    /// Fetches the JWKS URL (bounded attempts with backoff) when due for `trigger`; the
+    /// decision is made under the fetch lock, so concurrent triggers fetch once.
+    async fn fetch(&self, trigger: Trigger) {
         let Some(JwksSource::Url(url)) = self.config.jwt.as_ref().map(|j| &j.jwks) else {
             return;
         };
         let _one = self.fetching.lock().await;
-        let min = self
-            .config
-            .jwt
-            .as_ref()
-            .map_or(Duration::ZERO, |j| j.min_refetch);
-        let recent = self
-            .last_fetch
-            .lock()
-            .ok()
-            .and_then(|t| *t)
-            .is_some_and(|t| t.elapsed() < min);
-        if recent && (!force || self.keys.load().loaded) {
+        if !self.due(trigger) {
             return;
         }
         if let Ok(mut t) = self.last_fetch.lock() {
@@ -338,40 +357,19 @@ impl Authenticator {
         }
     }
 
-    /// Whether a JWKS URL is due for a fetch and none is running (cheap: the background loop
-    /// asks every tick).
+    /// Whether a JWKS URL is due for its scheduled fetch and none is running (cheap: the
+    /// background loop asks every tick, then calls [`Self::refresh`]).
     pub fn refresh_wanted(&self) -> bool {
-        let Some(jwt) = &self.config.jwt else {
-            return false;
-        };
-        if !matches!(jwt.jwks, JwksSource::Url(_)) || self.fetching.try_lock().is_err() {
-            return false;
-        }
-        let last = self.last_fetch.lock().ok().and_then(|t| *t);
-        let min = jwt.min_refetch;
-        match last {
-            None => true,
-            Some(t) if !self.keys.load().loaded => t.elapsed() >= min,
-            Some(t) => t.elapsed() >= jwt.refresh,
-        }
+        let url = matches!(
+            self.config.jwt.as_ref().map(|j| &j.jwks),
+            Some(JwksSource::Url(_))
+        );
+        url && self.fetching.try_lock().is_ok() && self.due(Trigger::Schedule)
     }
 
-    /// Called by the background loop: fetches the JWKS when none is loaded yet or the refresh
-    /// interval has passed.
-    pub async fn refresh_if_due(&self) {
-        let Some(jwt) = &self.config.jwt else {
-            return;
-        };
-        let due = !self.keys.load().loaded
-            || self
-                .last_fetch
-                .lock()
-                .ok()
-                .and_then(|t| *t)
-                .is_none_or(|t| t.elapsed() >= jwt.refresh);
-        if due {
-            self.fetch(true).await;
-        }
+    /// The scheduled JWKS fetch (the first one too).
+    pub async fn refresh(&self) {
+        self.fetch(Trigger::Schedule).await;
     }
 
     async fn key_for(
@@ -391,7 +389,7 @@ impl Authenticator {
             return check_alg(k, alg);
         }
         // An unknown kid: the provider may have rotated its keys.
-        self.fetch(false).await;
+        self.fetch(Trigger::UnknownKid).await;
         let keys = self.keys.load();
         if !keys.loaded {
             return Err(AuthError::Unavailable);

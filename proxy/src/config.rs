@@ -517,6 +517,19 @@ pub struct Routing {
     pub persistence_ttl: Duration,
 }
 
+impl PoolConfig {
+    /// The public paths of this pool behind a route with `prefix`, in this order: the MCP
+    /// endpoint, then (with `legacy_transport`) the 2024-11-05 `/sse` and `/messages`.
+    pub fn public_paths(&self, prefix: &str) -> Vec<String> {
+        let mut paths = vec![format!("{prefix}{}", self.mcp_path)];
+        if self.legacy_transport {
+            paths.push(format!("{prefix}/sse"));
+            paths.push(format!("{prefix}/messages"));
+        }
+        paths
+    }
+}
+
 impl Routing {
     pub fn uses(&self, p: Policy) -> bool {
         self.post == p || self.stream == p || self.legacy == p
@@ -1253,15 +1266,12 @@ fn validate_routes(
                 "must be /segment[/segment...] of letters, digits and -._~, without a trailing /",
             ));
         }
-        let pool = pools.iter().find(|p| p.name == r.pool);
-        let mcp_path = pool.map_or("/mcp", |p| p.mcp_path.as_str());
-        let legacy: &[&str] = if pool.is_some_and(|p| p.legacy_transport) {
-            &["/sse", "/messages"]
-        } else {
-            &[]
-        };
-        for path in std::iter::once(&mcp_path).chain(legacy) {
-            let full = format!("{prefix}{path}");
+        let paths = pools
+            .iter()
+            .find(|p| p.name == r.pool)
+            .map(|p| p.public_paths(&prefix))
+            .unwrap_or_default();
+        for full in paths {
             if !public.insert((host.clone(), full.clone())) {
                 return Err(invalid(
                     format!("{rkey}.path_prefix"),

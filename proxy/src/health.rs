@@ -112,7 +112,7 @@ impl BackgroundService for HealthChecker {
                     && a.refresh_wanted()
                 {
                     let a = a.clone();
-                    tokio::spawn(async move { a.refresh_if_due().await });
+                    tokio::spawn(async move { a.refresh().await });
                 }
             }
         }

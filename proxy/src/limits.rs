@@ -99,10 +99,9 @@ impl Limiter {
     /// answer is 429 instead of 401, so guessing keys is slow.
     pub fn charge_failure(&self, key: &str) -> Result<(), Refusal> {
         match &self.failures {
-            Some(f) => f.check_key(&key.to_owned()).map_err(|not_until| {
-                let wait = not_until.wait_time_from(DefaultClock::default().now());
-                Refusal::AuthFailures(wait.as_secs().max(1))
-            }),
+            Some(f) => f
+                .check_key(&key.to_owned())
+                .map_err(|n| Refusal::AuthFailures(retry_after(&n))),
             None => Ok(()),
         }
     }
@@ -111,10 +110,9 @@ impl Limiter {
     /// that opens SSE) also counts against the stream limit.
     pub fn admit(&self, key: &str, stream: bool) -> Result<Ticket, Refusal> {
         if let Some(rate) = &self.rate
-            && let Err(not_until) = rate.check_key(&key.to_owned())
+            && let Err(n) = rate.check_key(&key.to_owned())
         {
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            return Err(Refusal::Rate(wait.as_secs().max(1)));
+            return Err(Refusal::Rate(retry_after(&n)));
         }
         let mut map = self.in_flight.lock().map_err(|_| Refusal::Concurrency)?;
         let entry = map.entry(key.to_owned()).or_default();
@@ -157,6 +155,14 @@ impl Limiter {
     pub fn tracked(&self) -> usize {
         self.in_flight.lock().map_or(0, |m| m.len())
     }
+}
+
+/// Whole seconds until a refused bucket has a token again (at least 1, for `Retry-After`).
+fn retry_after(not_until: &governor::NotUntil<<DefaultClock as Clock>::Instant>) -> u64 {
+    not_until
+        .wait_time_from(DefaultClock::default().now())
+        .as_secs()
+        .max(1)
 }
 
 tokio::task_local! {

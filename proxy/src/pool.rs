@@ -260,26 +260,39 @@ impl Pool {
             .position(|b| b.name == name_or_address || b.address.to_string() == name_or_address)
     }
 
-    /// The next available backend in weighted turn, skipping `exclude`.
+    /// Whether backend `i` is at the pool's `backend_max_in_flight` (0: no limit).
+    pub fn full(&self, i: usize) -> bool {
+        let max = self.config.limits.backend_max_in_flight;
+        max > 0 && self.backends[i].active.load(Ordering::Relaxed) >= i64::from(max)
+    }
+
+    /// Whether backend `i` can take a new request: available and not full. Selection sheds
+    /// load this way: a full backend is skipped like a down one.
+    pub fn can_take(&self, i: usize) -> bool {
+        self.backends[i].available() && !self.full(i)
+    }
+
+    /// The next backend that can take a request, in weighted turn, skipping `exclude`.
     pub fn round_robin(&self, exclude: &[usize]) -> Pick {
         // Each skipped slot is consumed too, so an unavailable backend's share spreads over
         // the others instead of all falling to its successor.
         let n = self.order.len();
         for _ in 0..n {
             let i = self.order[self.next.fetch_add(1, Ordering::Relaxed) % n];
-            if self.backends[i].available() && !exclude.contains(&i) {
+            if self.can_take(i) && !exclude.contains(&i) {
                 return Pick::Backend(i);
             }
         }
         Pick::NoneAvailable
     }
 
-    /// Weighted rendezvous hashing of `key` over the available backends, skipping `exclude`.
+    /// Weighted rendezvous hashing of `key` over the backends that can take a request,
+    /// skipping `exclude`.
     pub fn hash(&self, key: &[u8], exclude: &[usize]) -> Pick {
         let k = hash64(key);
         let mut best: Option<(f64, usize)> = None;
         for (i, b) in self.backends.iter().enumerate() {
-            if !b.available() || exclude.contains(&i) {
+            if !self.can_take(i) || exclude.contains(&i) {
                 continue;
             }
             let score = rendezvous_score(k, b.seed, self.weights[i]);

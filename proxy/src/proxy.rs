@@ -109,21 +109,11 @@ impl McpProxy {
         pool: &Pool,
     ) -> std::result::Result<usize, Failure> {
         let r = &pool.config.routing;
-        // Backends at their in-flight limit are skipped like tried ones: load is shed with 503
-        // before a backend is overwhelmed.
-        let max = pool.config.limits.backend_max_in_flight;
-        let mut excluded;
-        let exclude = if max > 0 {
-            excluded = ctx.tried.clone();
-            excluded
-                .extend((0..pool.backends.len()).filter(|i| {
-                    pool.backends[*i].active.load(Ordering::Relaxed) >= i64::from(max)
-                }));
-            excluded.as_slice()
-        } else {
-            ctx.tried.as_slice()
-        };
-        let usable = |i: usize| pool.backends[i].healthy() && !exclude.contains(&i);
+        let exclude = ctx.tried.as_slice();
+        // Pins may reach a draining backend, never a full one (load is shed before a backend
+        // is overwhelmed).
+        let usable =
+            |i: usize| pool.backends[i].healthy() && !pool.full(i) && !exclude.contains(&i);
 
         if ctx.kind == Kind::LegacyMessage
             && let Some(sid) = &ctx.session
@@ -271,7 +261,7 @@ impl McpProxy {
                     tracing::warn!(
                         target: "security",
                         pool = name,
-                        client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                        client = %client_label(ctx.client_ip),
                         reason = e.message(),
                         "request refused: authentication failed"
                     );
@@ -330,8 +320,8 @@ impl McpProxy {
         tracing::info!(
             target: "security",
             pool = name,
-            client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
-            principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
+            client = %client_label(ctx.client_ip),
+            principal = ctx.principal.as_ref().map_or("-", Principal::short),
             limit = r.label(),
             "request refused by a limit"
         );
@@ -345,6 +335,11 @@ impl McpProxy {
         )
         .await
     }
+}
+
+/// The client address for logs, `-` when unknown.
+fn client_label(ip: Option<IpAddr>) -> String {
+    ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
 }
 
 /// The limit key of an unauthenticated client: its address, IPv6 by /64 (one host's share of
@@ -435,20 +430,28 @@ impl ProxyHttp for McpProxy {
         }
     }
 
-    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         crate::limits::head_read();
+        // The request keeps this snapshot to its end (request_filter and after use it).
         let snapshot = self.shared.snapshot();
         let l = &snapshot.config.limits;
         // Per read of the request body, and per write to the client: a client that stops
         // reading a stream is cut off.
         session.set_read_timeout(Some(l.body_read_timeout));
         session.set_write_timeout(Some(l.client_write_timeout));
+        ctx.snapshot = Some(snapshot);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        let snapshot = self.shared.snapshot();
-        ctx.snapshot = Some(snapshot.clone());
+        let snapshot = match &ctx.snapshot {
+            Some(s) => s.clone(),
+            None => {
+                let s = self.shared.snapshot();
+                ctx.snapshot = Some(s.clone());
+                s
+            }
+        };
         let limits = &snapshot.config.limits;
 
         let req = session.req_header();
@@ -494,11 +497,7 @@ impl ProxyHttp for McpProxy {
             .cloned()
         else {
             if get && req.raw_path() == b"/health" {
-                let serving = snapshot
-                    .pools
-                    .iter()
-                    .all(|p| p.backends.iter().any(|b| b.available()));
-                let (status, body) = if serving {
+                let (status, body) = if snapshot.serving() {
                     (200, r#"{"status":"ok"}"#)
                 } else {
                     (503, r#"{"status":"degraded"}"#)
@@ -1029,20 +1028,13 @@ impl ProxyHttp for McpProxy {
             },
         };
         if status > 0 && !ctx.response_started {
-            ctx.status = status;
             let extra: Vec<(&'static str, String)> = retry_after
                 .map(|s| ("retry-after", s.to_string()))
                 .into_iter()
                 .collect();
-            if let Err(err) = respond::rpc_error(
-                session,
-                ctx.peek.id.as_ref(),
-                status,
-                code,
-                &message,
-                &extra,
-            )
-            .await
+            if let Err(err) = self
+                .refuse(session, ctx, status, code, &message, &extra)
+                .await
             {
                 tracing::debug!(error = %err, "cannot send the error response");
             }
@@ -1094,7 +1086,7 @@ impl ProxyHttp for McpProxy {
             let req = session.req_header();
             tracing::info!(
                 target: "access",
-                client = %ctx.client_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+                client = %client_label(ctx.client_ip),
                 method = %req.method,
                 path = %req.uri.path(),
                 status,
@@ -1102,7 +1094,7 @@ impl ProxyHttp for McpProxy {
                 backend,
                 mcp_method = ctx.peek.method.as_deref().unwrap_or("-"),
                 session = %short(ctx.session.as_deref()),
-                principal = ctx.principal.as_ref().map_or("-", |p| &p.hash[..12]),
+                principal = ctx.principal.as_ref().map_or("-", Principal::short),
                 attempts = ctx.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
                 error = %e.map_or_else(String::new, |e| e.to_string()),

@@ -81,10 +81,13 @@ impl RouteTable {
                     prefix: prefix.clone(),
                 });
             };
-            add(format!("{}{}", r.prefix, p.mcp_path), Endpoint::Mcp);
-            if p.legacy_transport {
-                add(format!("{}/sse", r.prefix), Endpoint::LegacyStream);
-                add(format!("{}/messages", r.prefix), Endpoint::LegacyMessage);
+            let kinds = [
+                Endpoint::Mcp,
+                Endpoint::LegacyStream,
+                Endpoint::LegacyMessage,
+            ];
+            for (path, endpoint) in p.public_paths(&r.prefix).into_iter().zip(kinds) {
+                add(path, endpoint);
             }
             if let Some(a) = &p.auth {
                 add(a.metadata_path.clone(), Endpoint::Metadata);

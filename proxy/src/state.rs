@@ -27,6 +27,13 @@ impl Snapshot {
         self.pools.iter().find(|p| p.config.name == name)
     }
 
+    /// Whether every pool has a backend that can take new requests (the health status).
+    pub fn serving(&self) -> bool {
+        self.pools
+            .iter()
+            .all(|p| p.backends.iter().any(|b| b.available()))
+    }
+
     /// The routes of listener `index` (none if the listener is gone after a reload).
     pub fn routes(&self, index: usize) -> &RouteTable {
         static EMPTY: RouteTable = RouteTable {

@@ -902,6 +902,36 @@ pub fn tools_path() -> String {
     )
 }
 
+/// Runs an SDK client script of `tests/clients/` with `program` (`python3`, `node`) and the
+/// installed tools; with `bearer`, the script sends `Authorization: Bearer <bearer>`
+/// (`MCP_BEARER`). Returns whether it printed `OK` and exited 0, and its stdout + stderr.
+pub async fn sdk_client(
+    program: &str,
+    script: &str,
+    args: &[&str],
+    bearer: Option<&str>,
+) -> (bool, String) {
+    let mut cmd = Command::new(program);
+    cmd.env("PATH", tools_path())
+        .env(
+            "MCP_SDK",
+            tools_dir().join("npm/node_modules/@modelcontextprotocol/sdk"),
+        )
+        .env_remove("MCP_BEARER")
+        .arg(format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR")))
+        .args(args);
+    if let Some(t) = bearer {
+        cmd.env("MCP_BEARER", t);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("{script} {args:?} did not finish within 120 s"))
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success() && text.contains("OK"), text)
+}
+
 /// Waits for the first event on `rx` whose JSON satisfies `pred`.
 pub async fn next_matching(
     rx: &mut mpsc::UnboundedReceiver<SseEvent>,

@@ -538,21 +538,9 @@ async fn official_conformance_suite_gives_the_same_totals_through_the_proxy_as_o
 }
 
 async fn python(script_args: &[&str]) -> String {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/python_client.py");
-    let out = tokio::process::Command::new("python3")
-        .env("PATH", tools_path())
-        .arg(script)
-        .args(script_args)
-        .output()
-        .await
-        .expect("run python client");
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "python client {script_args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
+    let (ok, out) = tests::sdk_client("python3", "python_client.py", script_args, None).await;
+    assert!(ok, "python client {script_args:?} failed:\n{out}");
+    out
 }
 
 #[tokio::test]
@@ -1468,23 +1456,10 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
 async fn typescript_sdk_completes_sessions_through_the_proxy() {
     let (_redis, b) = cluster(3, false).await;
     let proxy = Proxy::start(&addrs(&b), "").await.expect("proxy");
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/ts_client.mjs");
-    let sdk = tests::tools_dir().join("npm/node_modules/@modelcontextprotocol/sdk");
     for mode in ["http", "sse"] {
-        let out = tokio::process::Command::new("node")
-            .env("PATH", tools_path())
-            .env("MCP_SDK", &sdk)
-            .arg(script)
-            .args([&proxy.base(), mode])
-            .output()
-            .await
-            .expect("run node");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && stdout.contains("OK"),
-            "typescript {mode} through the proxy:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (ok, stdout) =
+            tests::sdk_client("node", "ts_client.mjs", &[&proxy.base(), mode], None).await;
+        assert!(ok, "typescript {mode} through the proxy:\n{stdout}");
         if mode == "http" {
             assert!(
                 stdout.contains("nodes=a,b,c"),

@@ -1086,29 +1086,6 @@ async fn a_session_is_404_for_every_other_principal_on_every_route() {
     );
 }
 
-/// Runs an SDK client script; `(succeeded, stdout + stderr)`.
-async fn sdk(program: &str, script: &str, args: &[&str], bearer: Option<&str>) -> (bool, String) {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.env("PATH", tests::tools_path())
-        .env(
-            "MCP_SDK",
-            tests::tools_dir().join("npm/node_modules/@modelcontextprotocol/sdk"),
-        )
-        .env_remove("MCP_BEARER")
-        .arg(format!("{}/clients/{script}", env!("CARGO_MANIFEST_DIR")))
-        .args(args);
-    if let Some(t) = bearer {
-        cmd.env("MCP_BEARER", t);
-    }
-    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
-        .await
-        .expect("the client finishes")
-        .expect("run the client");
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success() && text.contains("OK"), text)
-}
-
 #[tokio::test]
 async fn the_python_and_typescript_sdks_work_with_a_bearer_token_and_are_refused_without() {
     let idp = Idp::start().await.expect("idp");
@@ -1116,15 +1093,18 @@ async fn the_python_and_typescript_sdks_work_with_a_bearer_token_and_are_refused
     let token = idp.token("rsa-1", &idp.claims(&proxy.mcp(), "sdk-user", "mcp:tools"));
     let base = proxy.base();
     for mode in ["legacy", "2026-07-28", "sse"] {
-        let (ok, out) = sdk("python3", "python_client.py", &[&base, mode], Some(&token)).await;
+        let (ok, out) =
+            tests::sdk_client("python3", "python_client.py", &[&base, mode], Some(&token)).await;
         assert!(ok, "python {mode} with a token: {out}");
-        let (ok, out) = sdk("python3", "python_client.py", &[&base, mode], None).await;
+        let (ok, out) =
+            tests::sdk_client("python3", "python_client.py", &[&base, mode], None).await;
         assert!(!ok, "python {mode} without a token must be refused: {out}");
     }
     for mode in ["http", "sse"] {
-        let (ok, out) = sdk("node", "ts_client.mjs", &[&base, mode], Some(API_KEY)).await;
+        let (ok, out) =
+            tests::sdk_client("node", "ts_client.mjs", &[&base, mode], Some(API_KEY)).await;
         assert!(ok, "typescript {mode} with an API key: {out}");
-        let (ok, out) = sdk("node", "ts_client.mjs", &[&base, mode], None).await;
+        let (ok, out) = tests::sdk_client("node", "ts_client.mjs", &[&base, mode], None).await;
         assert!(
             !ok,
             "typescript {mode} without a token must be refused: {out}"
