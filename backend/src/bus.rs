@@ -4,75 +4,141 @@
 //! - `ev:<session>`: events of a session's standalone stream (`GET /mcp`), published by the
 //!   replica whose worker produced them, delivered by whichever replica holds the stream;
 //! - `reply:<session>`: the client's answers to server-initiated requests (elicitation,
-//!   sampling), delivered to the replica whose request waits for them;
-//! - `del`: a session id that was deleted; every replica drops its in-memory worker;
+//!   sampling) and its `notifications/cancelled`, delivered to every replica with a worker
+//!   for the session (a reply's id names the one worker that waits for it);
+//! - `del`: a session id that ended; every replica drops its in-memory worker;
 //! - `legacy:<session>`: messages POSTed for a 2024-11-05 SSE session held elsewhere.
 //!
 //! Each replica holds one pattern subscription and fans messages out to local subscribers.
-//! Delivery is best effort (Redis pub/sub): what must not be lost is also in the event log.
+//! A topic exists locally only while someone listens: the last [`Subscription`] dropped
+//! removes it. Delivery is best effort (Redis pub/sub), so what must not be lost is also in
+//! the session's event log, and every (re)subscription bumps [`Bus::generation`]: a
+//! listener that may have missed messages (lag, reconnect) re-reads the log from the last
+//! event it delivered. The subscription is health-checked with a PING every
+//! [`HEALTH_EVERY`]; no answer within the Redis timeout means reconnect.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak},
     time::Duration,
 };
 
 use futures::StreamExt;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
+
+use crate::redis_link::Link;
 
 /// Capacity of one topic's local fan-out channel.
 const TOPIC_CAPACITY: usize = 256;
+/// Interval of the subscription's health check.
+pub const HEALTH_EVERY: Duration = Duration::from_secs(5);
+
+type Topics = HashMap<String, broadcast::Sender<Arc<str>>>;
 
 /// Local fan-out of bus topics.
-#[derive(Default)]
 pub struct Bus {
-    topics: Mutex<HashMap<String, broadcast::Sender<Arc<str>>>>,
+    topics: Mutex<Topics>,
+    /// Bumped after every subscription made after the first: messages may have been missed.
+    generation: watch::Sender<u64>,
+}
+
+/// A listener on one topic; dropping the last one of a topic removes the topic.
+pub struct Subscription {
+    rx: broadcast::Receiver<Arc<str>>,
+    topic: String,
+    bus: Weak<Bus>,
+}
+
+impl Subscription {
+    /// The next message; `Lagged` means messages were skipped (re-read the log).
+    pub async fn recv(&mut self) -> Result<Arc<str>, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+
+    pub fn try_recv(&mut self) -> Result<Arc<str>, broadcast::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let Some(bus) = self.bus.upgrade() else {
+            return;
+        };
+        let mut topics = bus.topics();
+        // This receiver is still alive here: it is the last one when the count is 1.
+        if topics
+            .get(&self.topic)
+            .is_some_and(|tx| tx.receiver_count() <= 1)
+        {
+            topics.remove(&self.topic);
+        }
+    }
 }
 
 impl Bus {
     pub fn new() -> Arc<Self> {
-        Arc::default()
+        Arc::new(Self {
+            topics: Mutex::default(),
+            generation: watch::Sender::new(0),
+        })
     }
 
-    fn topics(&self) -> std::sync::MutexGuard<'_, HashMap<String, broadcast::Sender<Arc<str>>>> {
+    fn topics(&self) -> std::sync::MutexGuard<'_, Topics> {
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Number of topics with listeners on this replica.
+    pub fn topic_count(&self) -> usize {
+        self.topics().len()
+    }
+
     /// Receives every later message of `topic` on this replica.
-    pub fn subscribe(&self, topic: &str) -> broadcast::Receiver<Arc<str>> {
-        self.topics()
+    pub fn subscribe(self: &Arc<Self>, topic: &str) -> Subscription {
+        let rx = self
+            .topics()
             .entry(topic.to_owned())
             .or_insert_with(|| broadcast::channel(TOPIC_CAPACITY).0)
-            .subscribe()
+            .subscribe();
+        Subscription {
+            rx,
+            topic: topic.to_owned(),
+            bus: Arc::downgrade(self),
+        }
+    }
+
+    /// Changes after each resubscription (messages published meanwhile were not heard).
+    pub fn generation(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Hands a message to the local subscribers of `topic`, if any.
     pub fn dispatch(&self, topic: &str, payload: Arc<str>) {
-        let mut topics = self.topics();
-        if let Some(tx) = topics.get(topic) {
-            if tx.receiver_count() == 0 {
-                topics.remove(topic);
-            } else {
-                let _ = tx.send(payload);
-            }
+        if let Some(tx) = self.topics().get(topic) {
+            let _ = tx.send(payload);
         }
     }
 
     /// Reads `<prefix>bus:*` from Redis and dispatches locally, reconnecting until `stop`.
     pub async fn run_redis(
         self: Arc<Self>,
-        client: redis::Client,
+        link: Arc<Link>,
         prefix: String,
+        timeout: Duration,
         stop: tokio_util::sync::CancellationToken,
     ) {
         let pattern = format!("{prefix}bus:*");
         let strip = format!("{prefix}bus:");
         let mut delay = Duration::from_millis(100);
+        let mut subscribed_before = false;
         loop {
             let attempt = async {
-                let mut pubsub = client.get_async_pubsub().await?;
+                let mut pubsub = tokio::time::timeout(timeout * 2, link.pubsub())
+                    .await
+                    .map_err(|_| {
+                        redis::RedisError::from((redis::ErrorKind::Io, "pubsub connect timeout"))
+                    })??;
                 pubsub.psubscribe(&pattern).await?;
-                tracing::info!(pattern = %pattern, "bus subscribed");
                 Ok::<_, redis::RedisError>(pubsub)
             };
             let pubsub = tokio::select! {
@@ -81,11 +147,26 @@ impl Bus {
             };
             match pubsub {
                 Ok(pubsub) => {
+                    tracing::info!(pattern = %pattern, "bus subscribed");
                     delay = Duration::from_millis(100);
-                    let mut messages = pubsub.into_on_message();
+                    if subscribed_before {
+                        self.generation.send_modify(|g| *g += 1);
+                    }
+                    subscribed_before = true;
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut health = tokio::time::interval(HEALTH_EVERY);
+                    health.tick().await;
                     loop {
                         let msg = tokio::select! {
                             m = messages.next() => m,
+                            _ = health.tick() => {
+                                let ping = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                                if !matches!(ping, Ok(Ok(_))) {
+                                    tracing::warn!("bus subscription did not answer its health check");
+                                    break;
+                                }
+                                continue;
+                            }
                             () = stop.cancelled() => return,
                         };
                         let Some(msg) = msg else { break };
@@ -128,10 +209,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn topic_without_subscribers_is_dropped() {
+    async fn a_topic_lives_exactly_as_long_as_its_listeners() {
         let bus = Bus::new();
-        drop(bus.subscribe("t"));
+        let first = bus.subscribe("t");
+        let second = bus.subscribe("t");
+        drop(first);
+        assert_eq!(bus.topic_count(), 1, "one listener left: the topic stays");
+        drop(second);
+        assert_eq!(bus.topic_count(), 0, "no listener: the topic is gone");
         bus.dispatch("t", "x".into());
-        assert!(bus.topics().is_empty(), "unused topic entries are removed");
+        assert_eq!(bus.topic_count(), 0, "dispatch does not create topics");
     }
 }

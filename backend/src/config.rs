@@ -4,7 +4,11 @@
 //! are errors), [`FileConfig::validate`] turns it into a [`Config`] that cannot hold an invalid
 //! value. Every error names the key and the offending value.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use serde::Deserialize;
 
@@ -16,8 +20,17 @@ pub const DEFAULT_PORT: u16 = 3000;
 pub const DEFAULT_KEY_PREFIX: &str = "mcp:";
 /// Sliding session TTL: 30 minutes.
 pub const DEFAULT_SESSION_TTL_SECONDS: u64 = 1800;
-/// Events kept per SSE stream for `Last-Event-ID` replay.
+/// Events kept per session (all its streams) for `Last-Event-ID` replay.
 pub const DEFAULT_EVENT_LOG_MAX_LEN: u64 = 1000;
+/// Payload bytes kept per session's event log: 1 MiB.
+pub const DEFAULT_EVENT_LOG_MAX_BYTES: u64 = 1024 * 1024;
+/// Session workers one replica keeps in memory; beyond, the least recently used idle one is
+/// dropped (and restored from the store when its session comes back).
+pub const DEFAULT_MAX_LOCAL_SESSIONS: usize = 10_000;
+/// A session worker unused this long is dropped from memory (its session lives on).
+pub const DEFAULT_WORKER_IDLE_SECONDS: u64 = 300;
+/// Resource subscriptions one session may hold.
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_SESSION: u64 = 100;
 /// Largest accepted POST body: 4 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Interval of SSE keep-alive comments.
@@ -78,6 +91,11 @@ impl Secret {
     pub fn expose(&self) -> &[u8] {
         self.0.as_bytes()
     }
+
+    /// The secret as text (a password handed to a client library).
+    pub fn expose_str(&self) -> &str {
+        &self.0
+    }
 }
 
 impl std::fmt::Debug for Secret {
@@ -124,6 +142,83 @@ pub enum LogFormat {
     Json,
 }
 
+/// The `redis:` section as written: one of `url`, `sentinels` (with `sentinel_master`) or
+/// `cluster_nodes`, plus credentials and TLS files.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisFile {
+    pub url: Option<String>,
+    pub sentinel_master: Option<String>,
+    pub sentinels: Option<Vec<String>>,
+    pub cluster_nodes: Option<Vec<String>>,
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    pub tls: Option<bool>,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+/// Which Redis deployment holds the sessions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RedisTopology {
+    /// One server (`redis://` or `rediss://` URL).
+    Single(String),
+    /// The master that these sentinels (`host:port`) name `master`.
+    Sentinel {
+        master: String,
+        sentinels: Vec<String>,
+    },
+    /// A Redis Cluster reached through these seed node URLs.
+    Cluster(Vec<String>),
+}
+
+/// The validated Redis connection settings.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    pub topology: RedisTopology,
+    /// ACL user and password (a URL's own userinfo also works for `Single` and `Cluster`).
+    pub username: Option<String>,
+    pub password: Option<Secret>,
+    /// TLS to the data nodes (and sentinels); implied by `rediss://` URLs.
+    pub tls: bool,
+    /// CA bundle (PEM) to verify the servers with; unset: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for servers that require one.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+}
+
+impl RedisConfig {
+    /// Masks the passwords in URLs (for `--test` output).
+    pub fn redact(&mut self) {
+        match &mut self.topology {
+            RedisTopology::Single(url) => *url = redact_url(url),
+            RedisTopology::Cluster(nodes) => {
+                for n in nodes {
+                    *n = redact_url(n);
+                }
+            }
+            RedisTopology::Sentinel { .. } => {}
+        }
+    }
+
+    /// The deployment in one line for logs and `--test`, without passwords.
+    pub fn describe(&self) -> String {
+        let tls = if self.tls { " (tls)" } else { "" };
+        match &self.topology {
+            RedisTopology::Single(url) => format!("{}{tls}", redact_url(url)),
+            RedisTopology::Sentinel { master, sentinels } => {
+                format!("sentinel master {master:?} via {}{tls}", sentinels.join(","))
+            }
+            RedisTopology::Cluster(nodes) => {
+                let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
+                format!("cluster via {}{tls}", nodes.join(","))
+            }
+        }
+    }
+}
+
 /// The configuration file as written. Every key is optional; see `conf/backend.yaml`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +230,11 @@ pub struct FileConfig {
     pub key_prefix: Option<String>,
     pub session_ttl_seconds: Option<u64>,
     pub event_log_max_len: Option<u64>,
+    pub event_log_max_bytes: Option<u64>,
+    pub max_local_sessions: Option<usize>,
+    pub worker_idle_seconds: Option<u64>,
+    pub max_subscriptions_per_session: Option<u64>,
+    pub redis: Option<RedisFile>,
     pub allowed_hosts: Option<Vec<String>>,
     pub allowed_origins: Option<Vec<String>>,
     pub max_body_bytes: Option<usize>,
@@ -155,10 +255,18 @@ pub struct Config {
     pub node_id: String,
     pub listen: SocketAddr,
     /// `None`: sessions live in this process only (one node).
-    pub redis_url: Option<String>,
+    pub redis: Option<RedisConfig>,
     pub key_prefix: String,
     pub session_ttl: Duration,
+    /// Events kept per session, all streams together.
     pub event_log_max_len: u64,
+    /// Payload bytes kept per session's event log (the oldest events go first).
+    pub event_log_max_bytes: u64,
+    /// Session workers kept in memory on this replica.
+    pub max_local_sessions: usize,
+    /// Idle time after which a session worker leaves memory.
+    pub worker_idle: Duration,
+    pub max_subscriptions_per_session: u64,
     /// Empty: any `Host` is accepted.
     pub allowed_hosts: Vec<String>,
     /// Empty: `Origin` is not checked. Otherwise a present, unlisted `Origin` gets 403.
@@ -267,23 +375,19 @@ impl FileConfig {
             .trim_matches(['[', ']'])
             .parse()
             .map_err(|_| invalid("host", &host, "not an IP address"))?;
-        let redis_url = match self.redis_url {
-            Some(url) if url.trim().is_empty() => None,
-            Some(url) => {
-                redis::Client::open(url.as_str())
-                    .map_err(|_| invalid("redis_url", redact_url(&url), "not a redis:// URL"))?;
-                Some(url)
-            }
-            None => None,
-        };
+        let redis = redis_config(self.redis_url, self.redis)?;
         let key_prefix = self
             .key_prefix
             .unwrap_or_else(|| DEFAULT_KEY_PREFIX.to_owned());
-        if key_prefix.chars().any(|c| c.is_whitespace() || c == '*') || key_prefix.len() > 64 {
+        if key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '*' | '{' | '}'))
+            || key_prefix.len() > 64
+        {
             return Err(invalid(
                 "key_prefix",
                 key_prefix,
-                "must not contain whitespace or '*' and be at most 64 bytes",
+                "must not contain whitespace, '*', '{' or '}' and be at most 64 bytes",
             ));
         }
         let ttl = self
@@ -297,8 +401,36 @@ impl FileConfig {
             ));
         }
         let event_log_max_len = self.event_log_max_len.unwrap_or(DEFAULT_EVENT_LOG_MAX_LEN);
-        if event_log_max_len == 0 {
-            return Err(invalid("event_log_max_len", 0, "must be at least 1"));
+        if event_log_max_len == 0 || event_log_max_len > 1_000_000 {
+            return Err(invalid(
+                "event_log_max_len",
+                event_log_max_len,
+                "must be between 1 and 1000000",
+            ));
+        }
+        let event_log_max_bytes = self
+            .event_log_max_bytes
+            .unwrap_or(DEFAULT_EVENT_LOG_MAX_BYTES);
+        if !(1024..=1 << 30).contains(&event_log_max_bytes) {
+            return Err(invalid(
+                "event_log_max_bytes",
+                event_log_max_bytes,
+                "must be between 1024 and 1073741824",
+            ));
+        }
+        let max_local_sessions = self.max_local_sessions.unwrap_or(DEFAULT_MAX_LOCAL_SESSIONS);
+        if max_local_sessions == 0 {
+            return Err(invalid("max_local_sessions", 0, "must be at least 1"));
+        }
+        let worker_idle = self
+            .worker_idle_seconds
+            .unwrap_or(DEFAULT_WORKER_IDLE_SECONDS);
+        if worker_idle == 0 || worker_idle > 30 * 24 * 3600 {
+            return Err(invalid(
+                "worker_idle_seconds",
+                worker_idle,
+                "must be between 1 and 2592000",
+            ));
         }
         let allowed_hosts = self.allowed_hosts.unwrap_or_else(|| {
             DEFAULT_ALLOWED_HOSTS
@@ -397,10 +529,16 @@ impl FileConfig {
         Ok(Config {
             node_id,
             listen: SocketAddr::new(ip, port),
-            redis_url,
+            redis,
             key_prefix,
             session_ttl: Duration::from_secs(ttl),
             event_log_max_len,
+            event_log_max_bytes,
+            max_local_sessions,
+            worker_idle: Duration::from_secs(worker_idle),
+            max_subscriptions_per_session: self
+                .max_subscriptions_per_session
+                .unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS_PER_SESSION),
             allowed_hosts,
             allowed_origins,
             max_body_bytes,
@@ -417,6 +555,118 @@ impl FileConfig {
                 .unwrap_or(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL),
         })
     }
+}
+
+/// A node URL of a Redis deployment: `redis://` or `rediss://`, parseable by the client.
+fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+    if !scheme_ok || redis::Client::open(url).is_err() {
+        return Err(invalid(key, redact_url(url), "not a redis:// or rediss:// URL"));
+    }
+    Ok(())
+}
+
+/// Builds the Redis settings from `redis_url` (shorthand for one server) and the `redis:`
+/// section; `None`: no Redis.
+fn redis_config(
+    url: Option<String>,
+    section: Option<RedisFile>,
+) -> Result<Option<RedisConfig>, ConfigError> {
+    let url = url.filter(|u| !u.trim().is_empty());
+    let mut file = section.unwrap_or_default();
+    if let Some(u) = url {
+        if file.url.is_some() {
+            return Err(invalid(
+                "redis_url",
+                redact_url(&u),
+                "set either redis_url or redis.url, not both",
+            ));
+        }
+        file.url = Some(u);
+    }
+    let file_url = file.url.filter(|u| !u.trim().is_empty());
+    let sentinels = file.sentinels.unwrap_or_default();
+    let cluster = file.cluster_nodes.unwrap_or_default();
+    let chosen = usize::from(file_url.is_some())
+        + usize::from(!sentinels.is_empty())
+        + usize::from(!cluster.is_empty());
+    if chosen == 0 {
+        if file.sentinel_master.is_some() {
+            return Err(invalid(
+                "redis.sentinel_master",
+                file.sentinel_master.unwrap_or_default(),
+                "needs redis.sentinels",
+            ));
+        }
+        return Ok(None);
+    }
+    if chosen > 1 {
+        return Err(invalid(
+            "redis",
+            "url, sentinels, cluster_nodes",
+            "set exactly one of redis.url (or redis_url), redis.sentinels, redis.cluster_nodes",
+        ));
+    }
+    let mut tls = file.tls.unwrap_or(false);
+    let topology = if let Some(u) = file_url {
+        check_redis_url("redis_url", &u)?;
+        tls |= u.starts_with("rediss://");
+        RedisTopology::Single(u)
+    } else if !sentinels.is_empty() {
+        let Some(master) = file.sentinel_master.filter(|m| !m.trim().is_empty()) else {
+            return Err(invalid(
+                "redis.sentinel_master",
+                "",
+                "the master name the sentinels monitor is required with redis.sentinels",
+            ));
+        };
+        for s in &sentinels {
+            let ok = s
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(invalid("redis.sentinels", s, "each entry must be host:port"));
+            }
+        }
+        RedisTopology::Sentinel { master, sentinels }
+    } else {
+        for u in &cluster {
+            check_redis_url("redis.cluster_nodes", u)?;
+            tls |= u.starts_with("rediss://");
+        }
+        RedisTopology::Cluster(cluster)
+    };
+    if file.cert_file.is_some() != file.key_file.is_some() {
+        return Err(invalid(
+            "redis.cert_file",
+            file.cert_file
+                .or(file.key_file)
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            "cert_file and key_file go together",
+        ));
+    }
+    for (key, path) in [
+        ("redis.ca_file", &file.ca_file),
+        ("redis.cert_file", &file.cert_file),
+        ("redis.key_file", &file.key_file),
+    ] {
+        if let Some(p) = path {
+            if !p.is_file() {
+                return Err(invalid(key, p.display(), "file not found"));
+            }
+            tls = true;
+        }
+    }
+    Ok(Some(RedisConfig {
+        topology,
+        username: file.username.filter(|u| !u.is_empty()),
+        password: file.password.filter(|p| !p.0.is_empty()),
+        tls,
+        ca_file: file.ca_file,
+        cert_file: file.cert_file,
+        key_file: file.key_file,
+    }))
 }
 
 #[cfg(test)]
@@ -443,7 +693,7 @@ mod tests {
         assert_eq!(c.listen.port(), DEFAULT_PORT);
         assert_eq!(c.session_ttl, Duration::from_secs(1800));
         assert_eq!(c.key_prefix, "mcp:");
-        assert!(c.redis_url.is_none(), "no Redis unless configured");
+        assert!(c.redis.is_none(), "no Redis unless configured");
         assert!(c.node_id.starts_with("node-"), "node id is generated");
         assert!(
             c.operations_token.is_none(),
@@ -561,7 +811,10 @@ mod tests {
         assert!(f.apply_env(env).is_ok());
         let Ok(c) = f.validate() else { panic!("valid") };
         assert_eq!(c.listen.port(), 4321, "PORT overrides the file");
-        assert_eq!(c.redis_url.as_deref(), Some("redis://127.0.0.1:6390"));
+        assert_eq!(
+            c.redis.map(|r| r.topology),
+            Some(RedisTopology::Single("redis://127.0.0.1:6390".into()))
+        );
     }
 
     #[test]

@@ -18,7 +18,7 @@ use rmcp::{
 };
 use serde_json::{Value, json};
 
-use crate::{Node, conformance};
+use crate::{Node, conformance, store::Subscribed};
 
 /// Server name in `serverInfo`.
 pub const SERVER_NAME: &str = "mcp-edge-backend";
@@ -231,7 +231,7 @@ impl Handler {
             "nodeId": c.node_id,
             "sessionTtlSeconds": c.session_ttl.as_secs(),
             "keyPrefix": c.key_prefix,
-            "store": if c.redis_url.is_some() { "redis" } else { "memory" },
+            "store": if c.redis.is_some() { "redis" } else { "memory" },
             "maxBodyBytes": c.max_body_bytes,
             "sseKeepAliveSeconds": c.sse_keep_alive.as_secs(),
             "conformance": c.conformance,
@@ -279,12 +279,15 @@ impl Handler {
                         ))));
                     }
                 };
-                let value = self
+                let Some(value) = self
                     .node
                     .store
                     .incr_field(&session, "counter", by)
                     .await
-                    .map_err(Self::store_unavailable)?;
+                    .map_err(Self::store_unavailable)?
+                else {
+                    return Err(session_ended());
+                };
                 let mut r = text_result(value.to_string());
                 r.structured_content =
                     Some(json!({"value": value, "node": self.node.config.node_id}));
@@ -554,11 +557,31 @@ impl ServerHandler for Handler {
         cx: RequestContext<RoleServer>,
     ) -> Result<(), ErrorData> {
         if let Some(session) = session_of(&cx.extensions) {
-            self.node
+            if request.uri.len() > MAX_SUBSCRIPTION_URI_LEN {
+                return Err(ErrorData::invalid_params(
+                    format!("resource URI longer than {MAX_SUBSCRIPTION_URI_LEN} bytes"),
+                    None,
+                ));
+            }
+            let max = self.node.config.max_subscriptions_per_session;
+            match self
+                .node
                 .store
-                .set_field(&session, &format!("sub:{}", request.uri), Some("1"))
+                .subscribe(&session, &request.uri, max)
                 .await
-                .map_err(Self::store_unavailable)?;
+                .map_err(Self::store_unavailable)?
+            {
+                Subscribed::Yes => {}
+                Subscribed::Full => {
+                    return Err(ErrorData::invalid_request(
+                        format!(
+                            "too many resource subscriptions in this session (max_subscriptions_per_session: {max})"
+                        ),
+                        None,
+                    ));
+                }
+                Subscribed::Gone => return Err(session_ended()),
+            }
         }
         Ok(())
     }
@@ -571,7 +594,7 @@ impl ServerHandler for Handler {
         if let Some(session) = session_of(&cx.extensions) {
             self.node
                 .store
-                .set_field(&session, &format!("sub:{}", request.uri), None)
+                .unsubscribe(&session, &request.uri)
                 .await
                 .map_err(Self::store_unavailable)?;
         }
@@ -588,11 +611,15 @@ impl ServerHandler for Handler {
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_else(|| "info".into());
-            self.node
+            let live = self
+                .node
                 .store
                 .set_field(&session, "log_level", Some(&level))
                 .await
                 .map_err(Self::store_unavailable)?;
+            if !live {
+                return Err(session_ended());
+            }
         }
         Ok(())
     }
@@ -657,6 +684,14 @@ impl ServerHandler for Handler {
     ) -> Result<CompleteResult, ErrorData> {
         Ok(conformance::complete(&request))
     }
+}
+
+/// Longest resource URI a session may subscribe to.
+const MAX_SUBSCRIPTION_URI_LEN: usize = 2048;
+
+/// The session ended (deleted or expired) while a request of it was running.
+fn session_ended() -> ErrorData {
+    ErrorData::invalid_request("session not found (it ended)", None)
 }
 
 fn resource_not_found(uri: &str) -> ErrorData {

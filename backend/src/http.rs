@@ -48,8 +48,8 @@ use crate::{
     handler::{Handler, VERSION},
     legacy,
     principal::{self, Caller, PrincipalError, Verifier},
-    sessions::{RecordStore, ReplicaSessions},
-    store::{Access, Admission, StoreError, now_ms},
+    sessions::{RecordStore, ReplicaSessions, with_prefetched_init},
+    store::{Access, Admission, StoreError, now_ms, watch_failures},
 };
 
 /// Longest session id accepted (ours are 32 hex characters).
@@ -372,15 +372,18 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
     } else {
         body
     };
+    let mut prefetched = None;
     if let Some(id) = &session {
-        // One round trip: the session exists, is the caller's, and its TTL slides.
-        match state.node.store.touch(id, caller.owner()).await {
-            Ok(Access::Granted) => {}
-            Ok(Access::NotFound) => {
+        // One round trip: the session exists, is the caller's, its TTL slides and, when this
+        // replica has no worker for it, its `initialize` comes back for the restore.
+        let want_init = is_mcp && !state.sessions.is_local(id).await;
+        match state.node.store.touch(id, caller.owner(), want_init).await {
+            Ok(t) if t.access == Access::Granted => prefetched = t.init,
+            Ok(t) if t.access == Access::OtherOwner => return foreign_session(id, &caller),
+            Ok(_) => {
                 state.sessions.drop_local(id).await;
                 return session_not_found();
             }
-            Ok(Access::OtherOwner) => return foreign_session(id, &caller),
             Err(e) => return unavailable(&e),
         }
         if is_mcp && initialize.is_some() {
@@ -403,7 +406,22 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         )
         .await;
     }
-    next.run(Request::from_parts(parts, body)).await
+    let request = Request::from_parts(parts, body);
+    let run = with_prefetched_init(session.as_deref().unwrap_or_default(), prefetched, next.run(request));
+    let (response, failures) = watch_failures(run).await;
+    store_failure_is_503(response, failures)
+}
+
+/// rmcp answers 500 when the store fails under it (a restore that cannot read the record,
+/// an event that cannot be logged): that is the store being unavailable, so 503 with
+/// `Retry-After`, like every other store failure.
+fn store_failure_is_503(response: Response, failures: u32) -> Response {
+    if failures > 0 && response.status() == StatusCode::INTERNAL_SERVER_ERROR {
+        return unavailable(&StoreError::Unavailable(format!(
+            "{failures} store operation(s) failed during the request"
+        )));
+    }
+    response
 }
 
 /// A Streamable HTTP `initialize`: admitted within the caller's session limit, run by rmcp
@@ -425,7 +443,8 @@ async fn open_session(
         }
         Err(e) => return unavailable(&e),
     }
-    let response = next.run(request).await;
+    let (response, failures) = watch_failures(next.run(request)).await;
+    let response = store_failure_is_503(response, failures);
     let Some(owner) = caller.owner() else {
         return response;
     };
@@ -503,10 +522,7 @@ async fn delete_session(state: &AppState, id: &str, caller: Option<&Caller>) -> 
     };
     match deleted {
         Ok(Access::Granted) => {
-            if let Err(e) = state.node.store.publish("del", id).await {
-                tracing::warn!(error = %e, "could not announce deletion; other replicas answer 404 from the store");
-            }
-            state.sessions.drop_local(id).await;
+            state.sessions.ended(id).await;
             tracing::info!(session = short_id(id), "session deleted");
             StatusCode::OK.into_response()
         }
@@ -593,6 +609,7 @@ async fn health(State(state): State<AppState>) -> Response {
         "nodeId": node.config.node_id,
         "activeSessions": active,
         "localSessions": state.sessions.local_count().await,
+        "busTopics": node.bus.topic_count(),
         "redis": redis,
         "version": VERSION,
         "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),

@@ -95,12 +95,12 @@ impl Drop for StreamGuard {
         let id = std::mem::take(&mut self.id);
         legacy.set_inbox(&id, None);
         tokio::spawn(async move {
-            legacy.sessions.drop_local(&id).await;
-            let store = &legacy.node.store;
-            if let Err(e) = store.set_legacy_holder(&id, None).await {
-                tracing::warn!(error = %e, "legacy holder key not cleared; it expires with the TTL");
+            // The transport has no resumption: the session ends with its stream, everywhere
+            // (the holder is a field of the record, so it goes with it).
+            if let Err(e) = legacy.node.store.delete(&id).await {
+                tracing::warn!(error = %e, "legacy session record left to expire");
             }
-            let _ = store.delete(&id).await;
+            legacy.sessions.ended(&id).await;
             tracing::info!(session = short_id(&id), "legacy sse session closed");
         });
     }
@@ -165,14 +165,23 @@ pub async fn open_stream(
         sessions.drop_local(&id).await;
         return response;
     }
-    if let Err(e) = node
+    match node
         .store
         .set_legacy_holder(&id, Some(&node.config.node_id))
         .await
     {
-        sessions.drop_local(&id).await;
-        let _ = node.store.delete(&id).await;
-        return unavailable(&e);
+        Ok(true) => {}
+        Ok(false) => {
+            sessions.drop_local(&id).await;
+            return unavailable(&StoreError::Unavailable(
+                "session record was not written".into(),
+            ));
+        }
+        Err(e) => {
+            sessions.drop_local(&id).await;
+            let _ = node.store.delete(&id).await;
+            return unavailable(&e);
+        }
     }
     // The MCP worker: waits for `initialize`, then serves until the session is dropped.
     let worker_id = id.clone();
@@ -285,8 +294,12 @@ async fn process_inbox(
                     let params = init.params.clone();
                     match sessions.initialize_session(&id, message).await {
                         Ok(response) => {
-                            if let Err(e) = node.store.create(&id, &params).await {
-                                tracing::warn!(error = %e, "legacy session record not written");
+                            match node.store.initialize_existing(&id, &params).await {
+                                Ok(true) => {}
+                                Ok(false) => return,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "legacy session record not written");
+                                }
                             }
                             let event = ServerSseMessage::from_message(response);
                             if let Some(ev) = sse_event(&event)

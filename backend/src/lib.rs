@@ -2,9 +2,12 @@
 //!
 //! # Layout
 //! - [`config`]: the YAML file, environment and flags, validated into [`config::Config`].
-//! - [`store`]: session records, per-stream event logs and bus publishing, in Redis or memory.
-//! - [`bus`]: live messages between replicas (standalone-stream events, client replies,
-//!   deletions, forwarded 2024-11-05 POSTs) over one Redis pattern subscription.
+//! - [`store`]: session records, one event log per session and bus publishing, on a Redis
+//!   engine or a memory engine with the same rules (see `sessions.md`).
+//! - [`redis_link`]: connections to one Redis server, a Sentinel master or a Cluster, over
+//!   TCP or TLS.
+//! - [`bus`]: live messages between replicas (standalone-stream events, client replies and
+//!   cancellations, deletions, forwarded 2024-11-05 POSTs) over one Redis pattern subscription.
 //! - [`sessions`]: rmcp's `SessionStore`, `EventStore` and `SessionManager` on the store, so a
 //!   replica that never saw a session restores it on demand.
 //! - [`handler`]: the MCP tools, resources and prompts; [`conformance`]: the fixtures the
@@ -21,6 +24,7 @@ pub mod handler;
 pub mod http;
 pub mod legacy;
 pub mod principal;
+pub mod redis_link;
 pub mod sessions;
 pub mod store;
 
@@ -30,7 +34,7 @@ use std::{sync::Arc, time::Instant};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{bus::Bus, config::Config, store::Store};
+use crate::{bus::Bus, config::Config, redis_link::Link, store::Store};
 
 /// What every part of one replica shares.
 pub struct Node {
@@ -45,13 +49,18 @@ pub struct Node {
 /// Builds the node for `config` (starts the Redis connection and bus in the background).
 pub fn node(config: Config, stop: CancellationToken) -> Result<Arc<Node>, store::StoreError> {
     let bus = Bus::new();
-    let store = Arc::new(Store::new(&config, bus.clone())?);
-    if let Some(url) = &config.redis_url {
-        let client = redis::Client::open(url.as_str())?;
-        tokio::spawn(
-            bus.clone()
-                .run_redis(client, config.key_prefix.clone(), stop.clone()),
-        );
+    let link = match &config.redis {
+        Some(redis) => Some(Arc::new(Link::new(redis, config.redis_timeout)?)),
+        None => None,
+    };
+    let store = Arc::new(Store::new(&config, bus.clone(), link.clone()));
+    if let Some(link) = link {
+        tokio::spawn(bus.clone().run_redis(
+            link,
+            config.key_prefix.clone(),
+            config.redis_timeout,
+            stop.clone(),
+        ));
     }
     Ok(Arc::new(Node {
         config,

@@ -60,7 +60,9 @@ fn main() -> anyhow::Result<()> {
     if cli.test {
         // The Redis URL may carry a password: never print it.
         let mut shown = config.clone();
-        shown.redis_url = shown.redis_url.as_deref().map(backend::config::redact_url);
+        if let Some(redis) = &mut shown.redis {
+            redis.redact();
+        }
         println!("configuration ok: {shown:#?}");
         return Ok(());
     }
@@ -82,7 +84,10 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(
             listen = %config.listen,
             node_id = %config.node_id,
-            store = if config.redis_url.is_some() { "redis" } else { "memory" },
+            store = config
+                .redis
+                .as_ref()
+                .map_or_else(|| "memory".to_owned(), |r| format!("redis: {}", r.describe())),
             "mcp-backend ready"
         );
         if config.principal_secret.is_none() {

@@ -15,17 +15,18 @@
 //! See `sessions.md` beside this file for the whole picture.
 
 use std::{
+    cell::RefCell,
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{Stream, StreamExt};
 use rmcp::{
-    model::{ClientJsonRpcMessage, ServerJsonRpcMessage},
+    model::{ClientJsonRpcMessage, ClientNotification, NumberOrString, ServerJsonRpcMessage},
     transport::streamable_http_server::session::{
         EventStore, EventStoreError, EventStream, RestoreOutcome, ServerSseMessage, SessionId,
         SessionManager, SessionState, SessionStore, SessionStoreError,
@@ -39,13 +40,38 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Node,
-    store::{Store, StoreError, event_seq},
+    store::{Store, StoreError, decode_init, event_seq},
 };
 
-/// Name of the standalone stream in event ids and log keys.
+/// Name of the standalone stream in event ids and the log.
 pub const COMMON_STREAM: &str = "common";
 /// Buffer between a bus subscription and the SSE response that drains it.
 const STREAM_BUFFER: usize = 64;
+
+tokio::task_local! {
+    /// The `init` field the guard's touch already read for this request's session.
+    static PREFETCHED: RefCell<Option<(String, String)>>;
+}
+
+/// Runs `f` (one HTTP request) with the `init` of session `id` already read, so a restore
+/// in it costs no second round trip.
+pub async fn with_prefetched_init<F: Future>(id: &str, init: Option<String>, f: F) -> F::Output {
+    let value = init.map(|init| (id.to_owned(), init));
+    PREFETCHED.scope(RefCell::new(value), f).await
+}
+
+fn take_prefetched(id: &str) -> Option<String> {
+    PREFETCHED
+        .try_with(|p| {
+            let mut p = p.borrow_mut();
+            match p.as_ref() {
+                Some((pid, _)) if pid == id => p.take().map(|(_, init)| init),
+                _ => None,
+            }
+        })
+        .ok()
+        .flatten()
+}
 
 /// rmcp's session store on the shared [`Store`].
 pub struct RecordStore(pub Arc<Store>);
@@ -53,6 +79,9 @@ pub struct RecordStore(pub Arc<Store>);
 #[async_trait::async_trait]
 impl SessionStore for RecordStore {
     async fn load(&self, session_id: &str) -> Result<Option<SessionState>, SessionStoreError> {
+        if let Some(init) = take_prefetched(session_id) {
+            return Ok(Some(SessionState::new(decode_init(session_id, &init)?)));
+        }
         Ok(self.0.load_init(session_id).await?.map(SessionState::new))
     }
 
@@ -126,10 +155,45 @@ async fn replay(
         .collect())
 }
 
-/// rmcp's event store for one session.
+/// Gives a server-initiated request an id no other worker of the session can mint:
+/// `<worker tag>-<rmcp's id>` (rmcp numbers them per worker, from 0 on every replica).
+fn tag_request(tag: &str, message: &mut ServerJsonRpcMessage) {
+    if let ServerJsonRpcMessage::Request(r) = message {
+        let original = match &r.id {
+            NumberOrString::Number(n) => n.to_string(),
+            NumberOrString::String(s) => s.to_string(),
+        };
+        r.id = NumberOrString::String(format!("{tag}-{original}").into());
+    }
+}
+
+/// The id rmcp gave a request this worker (`tag`) sent, if `id` names one.
+fn untag(tag: &str, id: &NumberOrString) -> Option<NumberOrString> {
+    let NumberOrString::String(s) = id else {
+        return None;
+    };
+    let original = s.strip_prefix(tag)?.strip_prefix('-')?;
+    Some(match original.parse::<i64>() {
+        Ok(n) => NumberOrString::Number(n),
+        Err(_) => NumberOrString::String(original.into()),
+    })
+}
+
+/// An SSE event with its server request (if any) tagged for this worker.
+fn tag_event(tag: &str, mut event: ServerSseMessage) -> ServerSseMessage {
+    if let Some(message) = event.message.take() {
+        let mut message = Arc::unwrap_or_clone(message);
+        tag_request(tag, &mut message);
+        event.message = Some(Arc::new(message));
+    }
+    event
+}
+
+/// rmcp's event store for one worker of one session.
 pub struct SessionEvents {
     store: Arc<Store>,
     session: String,
+    tag: Arc<str>,
 }
 
 #[async_trait::async_trait]
@@ -145,11 +209,22 @@ impl EventStore for SessionEvents {
         } else {
             stream_id
         };
-        let payload = encode_event(event)?;
+        // A priming event carries no message: resuming from "before the first event" needs
+        // no stored entry, so it costs no round trip.
+        let Some(message) = &event.message else {
+            return Ok(format!("{stream}/0-0"));
+        };
+        let mut message = (**message).clone();
+        tag_request(&self.tag, &mut message);
+        let payload = serde_json::to_string(&EventRecord {
+            message: Some(message),
+            retry_ms: event.retry.map(|r| r.as_millis() as u64),
+        })?;
         let xid = self
             .store
             .append_event(&self.session, stream, &payload, stream == COMMON_STREAM)
-            .await?;
+            .await?
+            .ok_or_else(|| EventStoreError::from(format!("session {} ended", self.session)))?;
         Ok(format!("{stream}/{xid}"))
     }
 
@@ -185,12 +260,51 @@ struct LocalSession {
     /// event, so `has_session` says no and rmcp makes concurrent requests wait for the
     /// restore in progress.
     ready: Arc<AtomicBool>,
+    /// Prefix of this worker's server-request ids.
+    tag: Arc<str>,
+    /// Last use, in milliseconds since the replica started.
+    last_used: AtomicU64,
+    /// Streams of this worker still open (a worker with none is idle and may be evicted).
+    open_streams: Arc<AtomicUsize>,
+}
+
+/// Keeps a worker busy while a stream of it is open.
+struct Busy(Arc<AtomicUsize>);
+
+impl Busy {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// `stream`, counted as an open stream of its worker until dropped.
+fn counted<S: Stream<Item = ServerSseMessage>>(
+    stream: S,
+    counter: Arc<AtomicUsize>,
+) -> impl Stream<Item = ServerSseMessage> {
+    let busy = Busy::new(&counter);
+    stream.map(move |e| {
+        let _ = &busy;
+        e
+    })
 }
 
 /// rmcp's session manager for a group of replicas sharing a [`Store`].
+///
+/// Workers are a cache: at most `max_local_sessions` are kept (the least recently used idle
+/// one makes room), and one unused for `worker_idle_seconds` is dropped. A dropped worker's
+/// session lives on in the store and is restored on its next request.
 pub struct ReplicaSessions {
     node: Arc<Node>,
     sessions: RwLock<HashMap<SessionId, LocalSession>>,
+    epoch: Instant,
 }
 
 impl ReplicaSessions {
@@ -198,9 +312,15 @@ impl ReplicaSessions {
         let this = Arc::new(Self {
             node,
             sessions: RwLock::default(),
+            epoch: Instant::now(),
         });
         tokio::spawn(drop_deleted_sessions(Arc::downgrade(&this)));
+        tokio::spawn(drop_idle_workers(Arc::downgrade(&this)));
         this
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
     }
 
     /// Number of sessions with a worker on this replica.
@@ -222,29 +342,79 @@ impl ReplicaSessions {
         }
     }
 
+    /// After a session ended in the store (DELETE, the end of a 2024-11-05 stream): tells
+    /// every replica to drop its worker (bus topic `del`) and drops this one's. Replicas that
+    /// miss the message answer 404 from the store at the next request, and drop the worker
+    /// then or when it idles out.
+    pub async fn ended(&self, id: &str) {
+        if let Err(e) = self.node.store.publish("del", id).await {
+            tracing::warn!(error = %e, "could not announce the end of a session; other replicas answer 404 from the store");
+        }
+        self.drop_local(id).await;
+    }
+
+    /// The worker of `id`, marked as used now.
     async fn local(
         &self,
         id: &SessionId,
-    ) -> Result<(Arc<LocalSessionManager>, CancellationToken), SessionError> {
+    ) -> Result<(Arc<LocalSessionManager>, CancellationToken, Arc<AtomicUsize>, Arc<str>), SessionError>
+    {
+        let now = self.now();
         self.sessions
             .read()
             .await
             .get(id)
-            .map(|s| (s.manager.clone(), s.stop.clone()))
+            .map(|s| {
+                s.last_used.store(now, Ordering::Relaxed);
+                (
+                    s.manager.clone(),
+                    s.stop.clone(),
+                    s.open_streams.clone(),
+                    s.tag.clone(),
+                )
+            })
             .ok_or_else(|| SessionError::NotFound(id.clone()))
+    }
+
+    /// Drops the least recently used idle worker if the cache is full.
+    async fn make_room(&self) {
+        let victim = {
+            let sessions = self.sessions.read().await;
+            if sessions.len() < self.node.config.max_local_sessions {
+                return;
+            }
+            sessions
+                .iter()
+                .filter(|(_, s)| s.open_streams.load(Ordering::Acquire) == 0)
+                .min_by_key(|(_, s)| s.last_used.load(Ordering::Relaxed))
+                .map(|(id, _)| id.clone())
+        };
+        match victim {
+            Some(id) => {
+                tracing::debug!(session = %id, "worker evicted (max_local_sessions)");
+                self.drop_local(&id).await;
+            }
+            // Every worker has an open stream: the proxy's stream limits bound them.
+            None => tracing::warn!("max_local_sessions reached and every worker is busy"),
+        }
     }
 
     /// Creates the in-memory worker of `id` on this replica.
     async fn start_local(&self, id: SessionId) -> Result<SessionTransport, SessionError> {
+        self.make_room().await;
+        let tag: Arc<str> = uuid::Uuid::new_v4().simple().to_string()[..12].into();
         let mut manager = LocalSessionManager::default();
         let mut session_config = SessionConfig::default();
-        // The worker lives as long as the session could: idle sessions are restored on
-        // demand, so nothing is lost when it stops.
+        // rmcp's own inactivity timeout is a safety net only: idle workers leave through
+        // `drop_idle_workers` first, and the session itself lives in the store.
         session_config.keep_alive = Some(self.node.config.session_ttl);
+        // Resumption reads the store, never rmcp's per-stream cache: keep that short.
+        session_config.completed_cache_ttl = Duration::from_secs(1);
         manager.session_config = session_config;
         let manager = Arc::new(manager.with_event_store(Arc::new(SessionEvents {
             store: self.node.store.clone(),
             session: id.to_string(),
+            tag: tag.clone(),
         })));
         let RestoreOutcome::Restored(transport) = manager.restore_session(id.clone()).await? else {
             return Err(SessionError::NotFound(id));
@@ -254,21 +424,30 @@ impl ReplicaSessions {
             self.node.clone(),
             manager.clone(),
             id.clone(),
+            tag.clone(),
             stop.clone(),
         ));
-        self.sessions.write().await.insert(
+        let previous = self.sessions.write().await.insert(
             id,
             LocalSession {
                 manager,
                 stop,
                 ready: Arc::new(AtomicBool::new(false)),
+                tag,
+                last_used: AtomicU64::new(self.now()),
+                open_streams: Arc::new(AtomicUsize::new(0)),
             },
         );
+        if let Some(previous) = previous {
+            previous.stop.cancel();
+        }
         Ok(transport)
     }
 
     /// A stream fed from bus topic `ev:<id>`, optionally after replaying the standalone
-    /// stream's log after `after` (or from its start, with `Some(None)`).
+    /// stream's log after `after` (or from its start, with `Some(None)`). Whenever live
+    /// messages may have been missed (the local channel lagged, or the bus resubscribed), it
+    /// re-reads the log from the last event it delivered: nothing lost, nothing repeated.
     fn standalone_stream(
         &self,
         id: &SessionId,
@@ -277,42 +456,59 @@ impl ReplicaSessions {
     ) -> ReceiverStream<ServerSseMessage> {
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let mut live = self.node.bus.subscribe(&format!("ev:{id}"));
+        let mut generation = self.node.bus.generation();
+        generation.mark_unchanged();
         let store = self.node.store.clone();
         let session = id.to_string();
         tokio::spawn(async move {
-            let mut last = (0, 0);
-            if let Some(after) = replay_after {
-                match store
-                    .events_after(&session, COMMON_STREAM, after.as_deref())
-                    .await
-                {
-                    Ok(events) => {
-                        for (xid, payload) in events {
-                            last = event_seq(&xid).unwrap_or(last).max(last);
-                            let Some(event) = decode_event(COMMON_STREAM, &xid, &payload) else {
-                                continue;
-                            };
-                            if tx.send(event).await.is_err() {
-                                return;
+            // The last event delivered (or, for a fresh stream, the log's end at opening).
+            let mut last: Option<String> = match &replay_after {
+                Some(after) => after.clone(),
+                None => store.log_tail(&session).await.ok().flatten(),
+            };
+            let mut catch_up = replay_after.is_some();
+            loop {
+                if catch_up {
+                    catch_up = false;
+                    match store
+                        .events_after(&session, COMMON_STREAM, last.as_deref())
+                        .await
+                    {
+                        Ok(events) => {
+                            for (xid, payload) in events {
+                                last = Some(xid.clone());
+                                let Some(event) = decode_event(COMMON_STREAM, &xid, &payload)
+                                else {
+                                    continue;
+                                };
+                                if tx.send(event).await.is_err() {
+                                    return;
+                                }
                             }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "standalone stream replay failed");
-                        return;
+                        Err(e) => {
+                            tracing::warn!(error = %e, "standalone stream cannot read the log; client can resume");
+                            return;
+                        }
                     }
                 }
-            }
-            loop {
                 let payload = tokio::select! {
                     p = live.recv() => p,
+                    changed = generation.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        catch_up = true;
+                        continue;
+                    }
                     () = stop.cancelled() => return,
                     () = tx.closed() => return,
                 };
                 let payload = match payload {
                     Ok(p) => p,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(skipped = n, "standalone stream lagged; client can resume");
+                        tracing::debug!(skipped = n, "standalone stream lagged; re-reading the log");
+                        catch_up = true;
                         continue;
                     }
                     Err(_) => return,
@@ -321,10 +517,10 @@ impl ReplicaSessions {
                     continue;
                 };
                 let Some(seq) = event_seq(xid) else { continue };
-                if seq <= last {
+                if last.as_deref().and_then(event_seq).is_some_and(|l| seq <= l) {
                     continue;
                 }
-                last = seq;
+                last = Some(xid.to_owned());
                 let Some(event) = decode_event(COMMON_STREAM, xid, json) else {
                     continue;
                 };
@@ -337,11 +533,14 @@ impl ReplicaSessions {
     }
 }
 
-/// Delivers the client's replies published on `reply:<id>` to this replica's worker.
+/// Hands the client's replies and cancellations published on `reply:<id>` to this
+/// replica's worker: a reply only if its id carries this worker's tag (so exactly the one
+/// waiting request gets it), a notification always.
 async fn deliver_replies(
     node: Arc<Node>,
     manager: Arc<LocalSessionManager>,
     id: SessionId,
+    tag: Arc<str>,
     stop: CancellationToken,
 ) {
     let mut replies = node.bus.subscribe(&format!("reply:{id}"));
@@ -355,13 +554,34 @@ async fn deliver_replies(
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         };
-        match serde_json::from_str::<ClientJsonRpcMessage>(&payload) {
-            Ok(message) => {
-                if let Err(e) = manager.accept_message(&id, message).await {
-                    tracing::debug!(error = %e, "reply not deliverable here");
+        let message = match serde_json::from_str::<ClientJsonRpcMessage>(&payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable reply on bus");
+                continue;
+            }
+        };
+        let message = match message {
+            ClientJsonRpcMessage::Response(mut r) => match untag(&tag, &r.id) {
+                Some(original) => {
+                    r.id = original;
+                    ClientJsonRpcMessage::Response(r)
+                }
+                None => continue,
+            },
+            ClientJsonRpcMessage::Error(mut e) => {
+                match e.id.as_ref().and_then(|i| untag(&tag, i)) {
+                    Some(original) => {
+                        e.id = Some(original);
+                        ClientJsonRpcMessage::Error(e)
+                    }
+                    None => continue,
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "undecodable reply on bus"),
+            other => other,
+        };
+        if let Err(e) = manager.accept_message(&id, message).await {
+            tracing::debug!(error = %e, "reply not deliverable here");
         }
     }
 }
@@ -376,6 +596,36 @@ async fn drop_deleted_sessions(sessions: std::sync::Weak<ReplicaSessions>) {
             return;
         };
         sessions.drop_local(&id).await;
+    }
+}
+
+/// Drops workers unused for `worker_idle` (checked every quarter of it, at least every
+/// second): a replica's memory follows its recent sessions, not all sessions in Redis.
+async fn drop_idle_workers(sessions: std::sync::Weak<ReplicaSessions>) {
+    let Some(idle) = sessions.upgrade().map(|s| s.node.config.worker_idle) else {
+        return;
+    };
+    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)));
+    loop {
+        tick.tick().await;
+        let Some(sessions) = sessions.upgrade() else {
+            return;
+        };
+        let cutoff = sessions.now().saturating_sub(idle.as_millis() as u64);
+        let idle_ids: Vec<SessionId> = sessions
+            .sessions
+            .read()
+            .await
+            .iter()
+            .filter(|(_, s)| {
+                s.open_streams.load(Ordering::Acquire) == 0
+                    && s.last_used.load(Ordering::Relaxed) < cutoff
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in idle_ids {
+            sessions.drop_local(&id).await;
+        }
     }
 }
 
@@ -394,7 +644,7 @@ impl SessionManager for ReplicaSessions {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<ServerJsonRpcMessage, Self::Error> {
-        let (manager, _) = self.local(id).await?;
+        let (manager, ..) = self.local(id).await?;
         let response = manager.initialize_session(id, message).await?;
         if let Some(s) = self.sessions.read().await.get(id) {
             s.ready.store(true, Ordering::Release);
@@ -423,7 +673,7 @@ impl SessionManager for ReplicaSessions {
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
         // Same as `LocalSessionManager::create_stream`, through the handle, so the stream
         // does not borrow the manager.
-        let (manager, _) = self.local(id).await?;
+        let (manager, _, open, tag) = self.local(id).await?;
         let handle = manager
             .sessions
             .read()
@@ -439,7 +689,8 @@ impl SessionManager for ReplicaSessions {
             .push_message(message, receiver.http_request_id)
             .await
             .map_err(LocalSessionManagerError::from)?;
-        Ok(ReceiverStream::new(receiver.inner))
+        let live = ReceiverStream::new(receiver.inner).map(move |e| tag_event(&tag, e));
+        Ok(counted(live, open))
     }
 
     async fn accept_message(
@@ -447,19 +698,24 @@ impl SessionManager for ReplicaSessions {
         id: &SessionId,
         message: ClientJsonRpcMessage,
     ) -> Result<(), Self::Error> {
-        match message {
+        let crosses = match &message {
             // The request this answers may wait on another replica: let the bus find it.
-            ClientJsonRpcMessage::Response(_) | ClientJsonRpcMessage::Error(_) => {
-                let json = serde_json::to_string(&message)?;
-                self.node
-                    .store
-                    .publish(&format!("reply:{id}"), &json)
-                    .await?;
+            ClientJsonRpcMessage::Response(_) | ClientJsonRpcMessage::Error(_) => true,
+            // The request it cancels may run on another replica.
+            ClientJsonRpcMessage::Notification(n) => {
+                matches!(n.notification, ClientNotification::CancelledNotification(_))
             }
-            _ => {
-                let (manager, _) = self.local(id).await?;
-                manager.accept_message(id, message).await?;
-            }
+            _ => false,
+        };
+        if crosses {
+            let json = serde_json::to_string(&message)?;
+            self.node
+                .store
+                .publish(&format!("reply:{id}"), &json)
+                .await?;
+        } else {
+            let (manager, ..) = self.local(id).await?;
+            manager.accept_message(id, message).await?;
         }
         Ok(())
     }
@@ -468,8 +724,8 @@ impl SessionManager for ReplicaSessions {
         &self,
         id: &SessionId,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        let (_, stop) = self.local(id).await?;
-        Ok(self.standalone_stream(id, stop, None))
+        let (_, stop, open, _) = self.local(id).await?;
+        Ok(counted(self.standalone_stream(id, stop, None), open))
     }
 
     async fn resume(
@@ -477,10 +733,10 @@ impl SessionManager for ReplicaSessions {
         id: &SessionId,
         last_event_id: String,
     ) -> Result<impl Stream<Item = ServerSseMessage> + Send + Sync + 'static, Self::Error> {
-        let (_, stop) = self.local(id).await?;
+        let (_, stop, open, _) = self.local(id).await?;
         let (stream, after) = parse_event_id(&last_event_id);
         if stream == COMMON_STREAM {
-            return Ok(self.standalone_stream(id, stop, Some(after)).left_stream());
+            return Ok(counted(self.standalone_stream(id, stop, Some(after)), open).left_stream());
         }
         // A request stream: replay what its worker logged; it ends with the response.
         let events = replay(&self.node.store, id, &stream, after.as_deref()).await?;

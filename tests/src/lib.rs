@@ -121,6 +121,21 @@ async fn kill(child: &mut Option<Child>) {
     }
 }
 
+/// The Redis key of a session's record (default prefix; see `backend/src/sessions.md`).
+pub fn session_key(sid: &str) -> String {
+    format!("mcp:{{{sid}}}:s")
+}
+
+/// The Redis key of a session's event log.
+pub fn log_key(sid: &str) -> String {
+    format!("mcp:{{{sid}}}:e")
+}
+
+/// The Redis key of one principal's session set.
+pub fn owner_key(owner_hash: &str) -> String {
+    format!("mcp:owner:{{{owner_hash}}}")
+}
+
 /// A real `redis-server` on a free port, with its own directory (AOF optional).
 pub struct Redis {
     pub port: u16,

@@ -106,7 +106,7 @@ async fn a_session_started_on_one_replica_is_served_by_every_other() {
         .expect("calculator");
     assert_eq!(calc["isError"], true, "division by zero is a tool error");
     // The session record is in Redis with its sliding TTL.
-    let key = format!("mcp:session:{}", c.session.clone().unwrap_or_default());
+    let key = tests::session_key(&c.session.clone().unwrap_or_default());
     let ttl: i64 = redis
         .cli(&["TTL", &key])
         .await
@@ -672,7 +672,7 @@ async fn through_the_proxy_a_session_spreads_over_three_replicas_and_survives_a_
 
     // (4) the session record is in Redis with its TTL.
     let sid = c.session.clone().expect("session id");
-    let key = format!("mcp:session:{sid}");
+    let key = tests::session_key(&sid);
     assert_eq!(redis.cli(&["EXISTS", &key]).await.expect("redis"), "1");
     let ttl: i64 = redis
         .cli(&["TTL", &key])
