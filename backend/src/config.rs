@@ -209,7 +209,10 @@ impl RedisConfig {
         match &self.topology {
             RedisTopology::Single(url) => format!("{}{tls}", redact_url(url)),
             RedisTopology::Sentinel { master, sentinels } => {
-                format!("sentinel master {master:?} via {}{tls}", sentinels.join(","))
+                format!(
+                    "sentinel master {master:?} via {}{tls}",
+                    sentinels.join(",")
+                )
             }
             RedisTopology::Cluster(nodes) => {
                 let nodes: Vec<String> = nodes.iter().map(|n| redact_url(n)).collect();
@@ -418,7 +421,9 @@ impl FileConfig {
                 "must be between 1024 and 1073741824",
             ));
         }
-        let max_local_sessions = self.max_local_sessions.unwrap_or(DEFAULT_MAX_LOCAL_SESSIONS);
+        let max_local_sessions = self
+            .max_local_sessions
+            .unwrap_or(DEFAULT_MAX_LOCAL_SESSIONS);
         if max_local_sessions == 0 {
             return Err(invalid("max_local_sessions", 0, "must be at least 1"));
         }
@@ -561,7 +566,11 @@ impl FileConfig {
 fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
     let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
     if !scheme_ok || redis::Client::open(url).is_err() {
-        return Err(invalid(key, redact_url(url), "not a redis:// or rediss:// URL"));
+        return Err(invalid(
+            key,
+            redact_url(url),
+            "not a redis:// or rediss:// URL",
+        ));
     }
     Ok(())
 }
@@ -625,7 +634,11 @@ fn redis_config(
                 .rsplit_once(':')
                 .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
             if !ok {
-                return Err(invalid("redis.sentinels", s, "each entry must be host:port"));
+                return Err(invalid(
+                    "redis.sentinels",
+                    s,
+                    "each entry must be host:port",
+                ));
             }
         }
         RedisTopology::Sentinel { master, sentinels }

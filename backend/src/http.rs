@@ -407,7 +407,11 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
         .await;
     }
     let request = Request::from_parts(parts, body);
-    let run = with_prefetched_init(session.as_deref().unwrap_or_default(), prefetched, next.run(request));
+    let run = with_prefetched_init(
+        session.as_deref().unwrap_or_default(),
+        prefetched,
+        next.run(request),
+    );
     let (response, failures) = watch_failures(run).await;
     store_failure_is_503(response, failures)
 }

@@ -53,7 +53,11 @@ enum Kind {
 }
 
 fn invalid(reason: String) -> RedisError {
-    RedisError::from((ErrorKind::InvalidClientConfig, "redis configuration", reason))
+    RedisError::from((
+        ErrorKind::InvalidClientConfig,
+        "redis configuration",
+        reason,
+    ))
 }
 
 /// The TLS files of `config`, read now so a missing file is a startup error.
@@ -69,10 +73,12 @@ fn certificates(config: &RedisConfig) -> RedisResult<Option<TlsCertificates>> {
         }),
         _ => None,
     };
-    Ok((root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
-        client_tls,
-        root_cert,
-    }))
+    Ok(
+        (root_cert.is_some() || client_tls.is_some()).then_some(TlsCertificates {
+            client_tls,
+            root_cert,
+        }),
+    )
 }
 
 /// A client for one node URL, with the configured certificates and credentials.
@@ -125,7 +131,8 @@ impl Link {
                     .iter()
                     .map(|a| sentinel_addr(a, config.tls))
                     .collect::<RedisResult<Vec<_>>>()?;
-                let mut builder = SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?;
+                let mut builder =
+                    SentinelClientBuilder::new(addrs, master, SentinelServerType::Master)?;
                 if let Some(user) = &config.username {
                     builder = builder.set_client_to_redis_username(user);
                 }
@@ -258,13 +265,20 @@ fn master_may_have_moved(e: &RedisError) -> bool {
         || e.is_timeout()
         || e.is_connection_dropped()
         || e.is_connection_refusal()
-        || matches!(e.kind(), ErrorKind::Server(redis::ServerErrorKind::ReadOnly))
+        || matches!(
+            e.kind(),
+            ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        )
         || e.to_string().contains("READONLY")
 }
 
 impl SentinelConn {
     fn manager(&self) -> ConnectionManager {
-        self.current.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .1
+            .clone()
     }
 
     /// Asks the sentinels for the master again (at most every [`SENTINEL_REFRESH_EVERY`]) and

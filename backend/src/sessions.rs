@@ -357,8 +357,15 @@ impl ReplicaSessions {
     async fn local(
         &self,
         id: &SessionId,
-    ) -> Result<(Arc<LocalSessionManager>, CancellationToken, Arc<AtomicUsize>, Arc<str>), SessionError>
-    {
+    ) -> Result<
+        (
+            Arc<LocalSessionManager>,
+            CancellationToken,
+            Arc<AtomicUsize>,
+            Arc<str>,
+        ),
+        SessionError,
+    > {
         let now = self.now();
         self.sessions
             .read()
@@ -507,7 +514,10 @@ impl ReplicaSessions {
                 let payload = match payload {
                     Ok(p) => p,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::debug!(skipped = n, "standalone stream lagged; re-reading the log");
+                        tracing::debug!(
+                            skipped = n,
+                            "standalone stream lagged; re-reading the log"
+                        );
                         catch_up = true;
                         continue;
                     }
@@ -517,7 +527,11 @@ impl ReplicaSessions {
                     continue;
                 };
                 let Some(seq) = event_seq(xid) else { continue };
-                if last.as_deref().and_then(event_seq).is_some_and(|l| seq <= l) {
+                if last
+                    .as_deref()
+                    .and_then(event_seq)
+                    .is_some_and(|l| seq <= l)
+                {
                     continue;
                 }
                 last = Some(xid.to_owned());
@@ -605,7 +619,9 @@ async fn drop_idle_workers(sessions: std::sync::Weak<ReplicaSessions>) {
     let Some(idle) = sessions.upgrade().map(|s| s.node.config.worker_idle) else {
         return;
     };
-    let mut tick = tokio::time::interval((idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)));
+    let mut tick = tokio::time::interval(
+        (idle / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+    );
     loop {
         tick.tick().await;
         let Some(sessions) = sessions.upgrade() else {

@@ -11,6 +11,7 @@
 
 pub mod capture;
 pub mod idp;
+pub mod redis_deploy;
 
 use std::{
     net::{SocketAddr, TcpListener},
@@ -98,7 +99,7 @@ impl Drop for TempDir {
     }
 }
 
-async fn wait_tcp(port: u16, timeout: Duration) -> Result<()> {
+pub(crate) async fn wait_tcp(port: u16, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if tokio::net::TcpStream::connect(("127.0.0.1", port))

@@ -16,6 +16,8 @@ const WAIT: Duration = Duration::from_secs(10);
 mod backend_security;
 #[path = "suites/edge_security.rs"]
 mod edge_security;
+#[path = "suites/session_state.rs"]
+mod session_state;
 
 async fn cluster(n: usize, aof: bool) -> (Redis, Vec<Backend>) {
     let redis = Redis::start(aof)

@@ -122,7 +122,9 @@ pub struct Touch {
 pub enum Admission {
     Admitted,
     /// At `max_sessions_per_principal`; the oldest session expires in `retry_after`.
-    Full { retry_after: Duration },
+    Full {
+        retry_after: Duration,
+    },
     /// [`Store::claim`] only: the session record is gone (rmcp could not write it).
     Missing,
 }
@@ -205,13 +207,16 @@ pub trait Engine: Send + Sync {
     async fn ping(&self) -> StoreResult<()>;
     /// Writes `fields` and the TTL; with `must_exist`, only into a live record (`false`
     /// when there is none).
-    async fn create(&self, id: &str, fields: &[(&str, String)], must_exist: bool)
-    -> StoreResult<bool>;
+    async fn create(
+        &self,
+        id: &str,
+        fields: &[(&str, String)],
+        must_exist: bool,
+    ) -> StoreResult<bool>;
     async fn touch(&self, id: &str, owner: &str, want_init: bool) -> StoreResult<Touch>;
     async fn admit(&self, owner: &str, limit: u64) -> StoreResult<Admission>;
     /// Binds `id` to `owner` within `limit`; with `open`, creates the record if missing.
-    async fn claim(&self, id: &str, owner: &str, limit: u64, open: bool)
-    -> StoreResult<Admission>;
+    async fn claim(&self, id: &str, owner: &str, limit: u64, open: bool) -> StoreResult<Admission>;
     /// Deletes the session (record and log); `caller`: only if it is theirs.
     async fn delete(&self, id: &str, caller: Option<&str>) -> StoreResult<Access>;
     async fn field(&self, id: &str, op: FieldOp<'_>) -> StoreResult<FieldReply>;
@@ -327,7 +332,12 @@ impl Store {
     /// Refreshes the sliding TTL of a session on behalf of the caller whose owner hash is
     /// `owner` (`None`: anonymous). A session of another owner is left as it is. With
     /// `want_init`, also reads the `initialize` parameters (for a restore), in the same step.
-    pub async fn touch(&self, id: &str, owner: Option<&str>, want_init: bool) -> StoreResult<Touch> {
+    pub async fn touch(
+        &self,
+        id: &str,
+        owner: Option<&str>,
+        want_init: bool,
+    ) -> StoreResult<Touch> {
         self.engine
             .touch(id, owner.unwrap_or_default(), want_init)
             .await
@@ -373,7 +383,9 @@ impl Store {
     /// Deletes a session record on behalf of the caller whose owner hash is `owner`; a
     /// session of another owner is kept.
     pub async fn delete_as(&self, id: &str, owner: Option<&str>) -> StoreResult<Access> {
-        self.engine.delete(id, Some(owner.unwrap_or_default())).await
+        self.engine
+            .delete(id, Some(owner.unwrap_or_default()))
+            .await
     }
 
     /// One field of a session record.
@@ -397,20 +409,28 @@ impl Store {
     /// Adds `by` to an integer field of a live session and returns the new value (`None`:
     /// the session is gone, nothing is written).
     pub async fn incr_field(&self, id: &str, field: &str, by: i64) -> StoreResult<Option<i64>> {
-        Ok(match self.engine.field(id, FieldOp::Incr(field, by)).await? {
-            FieldReply::Int(v) => Some(v),
-            _ => None,
-        })
+        Ok(
+            match self.engine.field(id, FieldOp::Incr(field, by)).await? {
+                FieldReply::Int(v) => Some(v),
+                _ => None,
+            },
+        )
     }
 
     /// Subscribes the session to `uri`, within `max` subscriptions.
     pub async fn subscribe(&self, id: &str, uri: &str, max: u64) -> StoreResult<Subscribed> {
         let field = format!("{SUBSCRIPTION_PREFIX}{uri}");
-        Ok(match self.engine.field(id, FieldOp::Subscribe(&field, max)).await? {
-            FieldReply::Gone => Subscribed::Gone,
-            FieldReply::Full => Subscribed::Full,
-            _ => Subscribed::Yes,
-        })
+        Ok(
+            match self
+                .engine
+                .field(id, FieldOp::Subscribe(&field, max))
+                .await?
+            {
+                FieldReply::Gone => Subscribed::Gone,
+                FieldReply::Full => Subscribed::Full,
+                _ => Subscribed::Yes,
+            },
+        )
     }
 
     /// Ends the session's subscription to `uri` (if any).

@@ -18,8 +18,8 @@ use ::redis::{AsyncCommands, Value};
 use tokio::sync::OnceCell;
 
 use super::{
-    Access, Admission, Engine, FieldOp, FieldReply, Settings, StoreError, StoreResult,
-    StoredEvent, Touch, note_failure, now_ms,
+    Access, Admission, Engine, FieldOp, FieldReply, Settings, StoreError, StoreResult, StoredEvent,
+    Touch, note_failure, now_ms,
 };
 use crate::redis_link::{Conn, Link};
 
@@ -239,7 +239,11 @@ impl RedisEngine {
     /// Refreshes `id` in the sessions index (pruning entries that outlived their session)
     /// and, with an owner, in the owner's set. Separate commands: the index lives in its own
     /// slot. The future owns what it needs, so the touch can run it off the request path.
-    fn reindex(&self, id: &str, owner: &str) -> impl Future<Output = StoreResult<()>> + Send + 'static {
+    fn reindex(
+        &self,
+        id: &str,
+        owner: &str,
+    ) -> impl Future<Output = StoreResult<()>> + Send + 'static {
         let conn = self.conn.get().cloned();
         let timeout = self.timeout;
         let now = now_ms();
@@ -268,13 +272,17 @@ impl RedisEngine {
             let mut c2 = c.clone();
             let run = |r: Result<::redis::RedisResult<()>, tokio::time::error::Elapsed>| match r {
                 Ok(r) => r.map_err(StoreError::from),
-                Err(_) => Err(StoreError::Unavailable("redis did not answer in time".into())),
+                Err(_) => Err(StoreError::Unavailable(
+                    "redis did not answer in time".into(),
+                )),
             };
             let (a, b) = tokio::join!(
                 tokio::time::timeout(timeout, pipe.query_async::<()>(&mut c)),
                 async {
                     match &owner_pipe {
-                        Some(p) => tokio::time::timeout(timeout, p.query_async::<()>(&mut c2)).await,
+                        Some(p) => {
+                            tokio::time::timeout(timeout, p.query_async::<()>(&mut c2)).await
+                        }
                         None => Ok(Ok(())),
                     }
                 }
@@ -299,16 +307,13 @@ impl RedisEngine {
         let mut c2 = c.clone();
         let index = self.index_key();
         let owner_key = self.owner_key(owner);
-        let (a, b) = tokio::join!(
-            self.timed(c.zrem::<_, _, ()>(&index, id)),
-            async {
-                if owner.is_empty() {
-                    Ok(())
-                } else {
-                    self.timed(c2.zrem::<_, _, ()>(&owner_key, id)).await
-                }
+        let (a, b) = tokio::join!(self.timed(c.zrem::<_, _, ()>(&index, id)), async {
+            if owner.is_empty() {
+                Ok(())
+            } else {
+                self.timed(c2.zrem::<_, _, ()>(&owner_key, id)).await
             }
-        );
+        });
         if let Err(e) = a.and(b) {
             tracing::debug!(error = %e, "index entry left to be pruned");
         }
@@ -352,9 +357,7 @@ impl Engine for RedisEngine {
 
     async fn ping(&self) -> StoreResult<()> {
         let mut c = self.conn()?;
-        let _: String = self
-            .timed(::redis::cmd("PING").query_async(&mut c))
-            .await?;
+        let _: String = self.timed(::redis::cmd("PING").query_async(&mut c)).await?;
         Ok(())
     }
 
@@ -532,7 +535,10 @@ impl Engine for RedisEngine {
         let records = futures::future::join_all(ids.iter().map(|id| {
             let mut c = c.clone();
             let key = self.record_key(id);
-            async move { self.timed(c.hgetall::<_, HashMap<String, String>>(key)).await }
+            async move {
+                self.timed(c.hgetall::<_, HashMap<String, String>>(key))
+                    .await
+            }
         }))
         .await;
         let mut out = Vec::with_capacity(ids.len());

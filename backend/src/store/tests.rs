@@ -34,7 +34,14 @@ fn free_port() -> u16 {
 async fn start_redis() -> TestRedis {
     let port = free_port();
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -130,22 +137,57 @@ async fn sessions_answer_only_their_owner_and_others_cannot_refresh_them() {
     for (name, s, _redis) in stores(Duration::from_secs(60)).await {
         create(&s, "a1", Some("alice")).await;
         create(&s, "anon", None).await;
-        assert_eq!(access(&s, "a1", Some("alice")).await, Some(Access::Granted), "{name}");
-        assert_eq!(access(&s, "a1", Some("bob")).await, Some(Access::OtherOwner), "{name}");
-        assert_eq!(access(&s, "a1", None).await, Some(Access::OtherOwner), "{name}");
-        assert_eq!(access(&s, "anon", None).await, Some(Access::Granted), "{name}");
-        assert_eq!(access(&s, "anon", Some("alice")).await, Some(Access::OtherOwner));
-        assert_eq!(access(&s, "nope", Some("alice")).await, Some(Access::NotFound));
-        assert_eq!(s.delete_as("a1", Some("bob")).await.ok(), Some(Access::OtherOwner));
+        assert_eq!(
+            access(&s, "a1", Some("alice")).await,
+            Some(Access::Granted),
+            "{name}"
+        );
+        assert_eq!(
+            access(&s, "a1", Some("bob")).await,
+            Some(Access::OtherOwner),
+            "{name}"
+        );
+        assert_eq!(
+            access(&s, "a1", None).await,
+            Some(Access::OtherOwner),
+            "{name}"
+        );
+        assert_eq!(
+            access(&s, "anon", None).await,
+            Some(Access::Granted),
+            "{name}"
+        );
+        assert_eq!(
+            access(&s, "anon", Some("alice")).await,
+            Some(Access::OtherOwner)
+        );
+        assert_eq!(
+            access(&s, "nope", Some("alice")).await,
+            Some(Access::NotFound)
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("bob")).await.ok(),
+            Some(Access::OtherOwner)
+        );
         assert_eq!(s.delete_as("a1", None).await.ok(), Some(Access::OtherOwner));
         assert_eq!(
             access(&s, "a1", Some("alice")).await,
             Some(Access::Granted),
             "{name}: a refused delete leaves the session alone"
         );
-        assert_eq!(s.delete_as("a1", Some("alice")).await.ok(), Some(Access::Granted));
-        assert_eq!(s.delete_as("a1", Some("alice")).await.ok(), Some(Access::NotFound));
-        assert_eq!(s.delete("anon").await.ok(), Some(true), "operators delete any");
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::NotFound)
+        );
+        assert_eq!(
+            s.delete("anon").await.ok(),
+            Some(true),
+            "operators delete any"
+        );
     }
 }
 
@@ -156,20 +198,35 @@ async fn the_session_limit_counts_live_sessions_of_one_owner_only() {
             create(&s, id, Some("alice")).await;
         }
         create(&s, "anon", None).await;
-        assert_eq!(s.admit(Some("alice"), 3).await.ok(), Some(Admission::Admitted));
+        assert_eq!(
+            s.admit(Some("alice"), 3).await.ok(),
+            Some(Admission::Admitted)
+        );
         assert!(
             matches!(s.admit(Some("alice"), 2).await, Ok(Admission::Full { retry_after }) if retry_after <= Duration::from_secs(76)),
             "{name}: two of two: full, retry when the oldest expires"
         );
-        assert_eq!(s.admit(Some("bob"), 2).await.ok(), Some(Admission::Admitted));
+        assert_eq!(
+            s.admit(Some("bob"), 2).await.ok(),
+            Some(Admission::Admitted)
+        );
         assert_eq!(s.admit(None, 1).await.ok(), Some(Admission::Admitted));
-        assert_eq!(s.admit(Some("alice"), 0).await.ok(), Some(Admission::Admitted));
+        assert_eq!(
+            s.admit(Some("alice"), 0).await.ok(),
+            Some(Admission::Admitted)
+        );
         assert!(s.create("a3", &init()).await.is_ok());
         assert!(
-            matches!(s.claim("a3", Some("alice"), 2, false).await, Ok(Admission::Full { .. })),
+            matches!(
+                s.claim("a3", Some("alice"), 2, false).await,
+                Ok(Admission::Full { .. })
+            ),
             "{name}: claim enforces the limit too (concurrent initializes)"
         );
-        assert_eq!(s.delete_as("a1", Some("alice")).await.ok(), Some(Access::Granted));
+        assert_eq!(
+            s.delete_as("a1", Some("alice")).await.ok(),
+            Some(Access::Granted)
+        );
         assert_eq!(
             s.claim("a3", Some("alice"), 2, false).await.ok(),
             Some(Admission::Admitted),
@@ -203,7 +260,10 @@ async fn an_opened_record_keeps_its_owner_through_initialize() {
             Some(false),
             "{name}: an initialize after the stream closed writes nothing"
         );
-        assert_eq!(access(&s, "l1", Some("alice")).await, Some(Access::NotFound));
+        assert_eq!(
+            access(&s, "l1", Some("alice")).await,
+            Some(Access::NotFound)
+        );
     }
 }
 
@@ -216,16 +276,47 @@ async fn writes_to_a_deleted_session_never_bring_it_back() {
         };
         create(&s, "d1", None).await;
         assert_eq!(s.incr_field("d1", "counter", 2).await.ok(), Some(Some(2)));
-        assert!(s.append_event("d1", "x", "{}", false).await.ok().flatten().is_some());
+        assert!(
+            s.append_event("d1", "x", "{}", false)
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        );
         assert_eq!(s.delete("d1").await.ok(), Some(true));
-        assert_eq!(s.incr_field("d1", "counter", 1).await.ok(), Some(None), "{name}");
-        assert_eq!(s.set_field("d1", "log_level", Some("info")).await.ok(), Some(false));
-        assert_eq!(s.set_legacy_holder("d1", Some("n1")).await.ok(), Some(false));
-        assert_eq!(s.subscribe("d1", "test://a", 5).await.ok(), Some(Subscribed::Gone));
-        assert_eq!(s.append_event("d1", "x", "{}", false).await.ok(), Some(None), "{name}");
-        assert_eq!(access(&s, "d1", None).await, Some(Access::NotFound), "{name}");
+        assert_eq!(
+            s.incr_field("d1", "counter", 1).await.ok(),
+            Some(None),
+            "{name}"
+        );
+        assert_eq!(
+            s.set_field("d1", "log_level", Some("info")).await.ok(),
+            Some(false)
+        );
+        assert_eq!(
+            s.set_legacy_holder("d1", Some("n1")).await.ok(),
+            Some(false)
+        );
+        assert_eq!(
+            s.subscribe("d1", "test://a", 5).await.ok(),
+            Some(Subscribed::Gone)
+        );
+        assert_eq!(
+            s.append_event("d1", "x", "{}", false).await.ok(),
+            Some(None),
+            "{name}"
+        );
+        assert_eq!(
+            access(&s, "d1", None).await,
+            Some(Access::NotFound),
+            "{name}"
+        );
         if let Some(r) = &redis {
-            assert_eq!(dbsize(r).await, baseline, "{name}: every key of the session is gone");
+            assert_eq!(
+                dbsize(r).await,
+                baseline,
+                "{name}: every key of the session is gone"
+            );
         }
     }
 }
@@ -245,18 +336,28 @@ async fn the_event_log_is_one_per_session_and_bounded_by_count_and_bytes() {
             ids.push(id.ok().flatten().unwrap_or_default());
         }
         if let Some(r) = &redis {
-            assert_eq!(dbsize(r).await, before + 1, "{name}: one log key for all streams");
+            assert_eq!(
+                dbsize(r).await,
+                before + 1,
+                "{name}: one log key for all streams"
+            );
         }
         let a = s.events_after("e1", "a", None).await.unwrap_or_default();
         let b = s.events_after("e1", "b", None).await.unwrap_or_default();
         assert_eq!(a.len() + b.len(), 5, "{name}: at most 5 entries kept");
-        assert!(a.iter().all(|(_, p)| ["p4", "p6"].contains(&p.as_str())), "{name}: {a:?}");
+        assert!(
+            a.iter().all(|(_, p)| ["p4", "p6"].contains(&p.as_str())),
+            "{name}: {a:?}"
+        );
         assert_eq!(
             b.iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(),
             ["p3", "p5", "p7"],
             "{name}: each stream sees only its own events, oldest first"
         );
-        let after = s.events_after("e1", "b", Some(&ids[3])).await.unwrap_or_default();
+        let after = s
+            .events_after("e1", "b", Some(&ids[3]))
+            .await
+            .unwrap_or_default();
         assert_eq!(after.len(), 2, "{name}: strictly after the given id");
         // 1 KiB of payload at most: one 600-byte event pushes out all but itself and one.
         let big = "x".repeat(600);
@@ -274,14 +375,28 @@ async fn subscriptions_are_capped_per_session() {
     for (name, s, _redis) in stores(Duration::from_secs(60)).await {
         create(&s, "s1", None).await;
         assert_eq!(s.subscribe("s1", "u1", 2).await.ok(), Some(Subscribed::Yes));
-        assert_eq!(s.subscribe("s1", "u1", 2).await.ok(), Some(Subscribed::Yes), "again");
+        assert_eq!(
+            s.subscribe("s1", "u1", 2).await.ok(),
+            Some(Subscribed::Yes),
+            "again"
+        );
         assert_eq!(s.subscribe("s1", "u2", 2).await.ok(), Some(Subscribed::Yes));
-        assert_eq!(s.subscribe("s1", "u3", 2).await.ok(), Some(Subscribed::Full), "{name}");
+        assert_eq!(
+            s.subscribe("s1", "u3", 2).await.ok(),
+            Some(Subscribed::Full),
+            "{name}"
+        );
         assert!(s.unsubscribe("s1", "u1").await.is_ok());
         assert!(s.unsubscribe("s1", "u1").await.is_ok(), "twice is harmless");
-        assert_eq!(s.subscribe("s1", "u3", 2).await.ok(), Some(Subscribed::Yes), "{name}");
         assert_eq!(
-            s.fields_with_prefix("s1", SUBSCRIPTION_PREFIX).await.unwrap_or_default(),
+            s.subscribe("s1", "u3", 2).await.ok(),
+            Some(Subscribed::Yes),
+            "{name}"
+        );
+        assert_eq!(
+            s.fields_with_prefix("s1", SUBSCRIPTION_PREFIX)
+                .await
+                .unwrap_or_default(),
             ["u2", "u3"]
         );
     }
@@ -319,7 +434,11 @@ async fn expired_sessions_leave_nothing_behind() {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(s.admit(Some("alice"), 1).await.ok(), Some(Admission::Admitted), "{name}");
+        assert_eq!(
+            s.admit(Some("alice"), 1).await.ok(),
+            Some(Admission::Admitted),
+            "{name}"
+        );
         assert_eq!(s.count().await.ok(), Some(0), "{name}");
     }
 }
