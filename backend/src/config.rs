@@ -324,7 +324,8 @@ impl FileConfig {
     }
 
     /// Overlays the documented environment variables (`NODE_ID`, `HOST`, `PORT`, `REDIS_URL`,
-    /// `SESSION_TTL_SECONDS`, `MCP_OPERATIONS_TOKEN`, `MCP_PRINCIPAL_SECRET`) read through `get`.
+    /// `REDIS_PASSWORD`, `SESSION_TTL_SECONDS`, `MCP_OPERATIONS_TOKEN`, `MCP_PRINCIPAL_SECRET`)
+    /// read through `get`.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
         let get = |k: &str| get(k).filter(|v| !v.trim().is_empty());
         if let Some(v) = get("NODE_ID") {
@@ -353,6 +354,9 @@ impl FileConfig {
         }
         if let Some(v) = get("MCP_PRINCIPAL_SECRET") {
             self.principal_secret = Some(Secret(v));
+        }
+        if let Some(v) = get("REDIS_PASSWORD") {
+            self.redis.get_or_insert_default().password = Some(Secret(v));
         }
         Ok(())
     }
@@ -852,6 +856,91 @@ mod tests {
     }
 
     #[test]
+    fn redis_deployments_are_chosen_by_one_key_and_errors_name_it() {
+        let parse = |yaml: &str| FileConfig::parse(yaml).map_err(|e| e.to_string());
+        let Ok(Ok(c)) =
+            parse("redis:\n  sentinels: [\"10.0.0.1:26379\", \"h:26380\"]\n  sentinel_master: m\n")
+                .map(FileConfig::validate)
+        else {
+            panic!("sentinel config is valid");
+        };
+        assert_eq!(
+            c.redis.map(|r| r.topology),
+            Some(RedisTopology::Sentinel {
+                master: "m".into(),
+                sentinels: vec!["10.0.0.1:26379".into(), "h:26380".into()],
+            })
+        );
+        let Ok(Ok(c)) =
+            parse("redis:\n  cluster_nodes: [\"rediss://:pw@h:7000\"]\n").map(FileConfig::validate)
+        else {
+            panic!("cluster config is valid");
+        };
+        let redis = c.redis.unwrap_or_else(|| panic!("redis"));
+        assert!(redis.tls, "rediss:// means TLS");
+        assert!(!redis.describe().contains("pw"), "{}", redis.describe());
+        for (yaml, key, value) in [
+            (
+                "redis:\n  sentinels: [\"h:1\"]\n",
+                "redis.sentinel_master",
+                "",
+            ),
+            (
+                "redis:\n  sentinels: [\"nohost\"]\n  sentinel_master: m\n",
+                "redis.sentinels",
+                "nohost",
+            ),
+            (
+                "redis:\n  cluster_nodes: [\"http://h:1\"]\n",
+                "redis.cluster_nodes",
+                "http://h:1",
+            ),
+            (
+                "redis_url: redis://h\nredis:\n  cluster_nodes: [\"redis://h:1\"]\n",
+                "redis",
+                "url",
+            ),
+            (
+                "redis:\n  url: redis://h\n  ca_file: /nonexistent/ca.pem\n",
+                "redis.ca_file",
+                "/nonexistent/ca.pem",
+            ),
+            (
+                "redis:\n  url: redis://h\n  cert_file: /x.pem\n",
+                "redis.cert_file",
+                "/x.pem",
+            ),
+            ("key_prefix: \"a{b}\"", "key_prefix", "a{b}"),
+            ("event_log_max_bytes: 10", "event_log_max_bytes", "10"),
+            ("max_local_sessions: 0", "max_local_sessions", "0"),
+        ] {
+            let e = err(yaml);
+            assert!(
+                e.contains(key) && e.contains(value),
+                "error for {yaml:?} must name key and value: {e}"
+            );
+        }
+        let mut f = FileConfig::parse("redis:\n  url: redis://h\n").unwrap_or_default();
+        assert!(
+            f.apply_env(|k| (k == "REDIS_PASSWORD").then(|| "s3cret-pw".to_owned()))
+                .is_ok()
+        );
+        let Ok(c) = f.validate() else { panic!("valid") };
+        let shown = format!("{c:?}");
+        assert!(
+            !shown.contains("s3cret-pw"),
+            "the password never shows: {shown}"
+        );
+        assert_eq!(
+            c.redis
+                .and_then(|r| r.password)
+                .map(|p| p.expose_str().to_owned())
+                .as_deref(),
+            Some("s3cret-pw")
+        );
+    }
+
+    #[test]
     fn bad_env_value_is_named() {
         let mut f = FileConfig::default();
         let e = f
@@ -901,6 +990,13 @@ mod conf_files {
         assert_eq!(shipped.allowed_hosts, default.allowed_hosts);
         assert_eq!(shipped.max_body_bytes, default.max_body_bytes);
         assert_eq!(shipped.event_log_max_len, default.event_log_max_len);
+        assert_eq!(shipped.event_log_max_bytes, default.event_log_max_bytes);
+        assert_eq!(shipped.max_local_sessions, default.max_local_sessions);
+        assert_eq!(shipped.worker_idle, default.worker_idle);
+        assert_eq!(
+            shipped.max_subscriptions_per_session,
+            default.max_subscriptions_per_session
+        );
         assert!(
             shipped.operations_token.is_none() && shipped.principal_secret.is_none(),
             "the shipped file sets no secret"

@@ -414,7 +414,8 @@ impl ReplicaSessions {
         let mut session_config = SessionConfig::default();
         // rmcp's own inactivity timeout is a safety net only: idle workers leave through
         // `drop_idle_workers` first, and the session itself lives in the store.
-        session_config.keep_alive = Some(self.node.config.session_ttl);
+        let config = &self.node.config;
+        session_config.keep_alive = Some(config.session_ttl.max(config.worker_idle) * 2);
         // Resumption reads the store, never rmcp's per-stream cache: keep that short.
         session_config.completed_cache_ttl = Duration::from_secs(1);
         manager.session_config = session_config;
