@@ -3,9 +3,9 @@
 //! Topics (each is the Redis channel `<prefix>bus:<topic>`):
 //! - `ev:<session>`: events of a session's standalone stream (`GET /mcp`), published by the
 //!   replica whose worker produced them, delivered by whichever replica holds the stream;
-//! - `reply:<session>`: the client's answers to server-initiated requests (elicitation,
-//!   sampling) and its `notifications/cancelled`, delivered to every replica with a worker
-//!   for the session (a reply's id names the one worker that waits for it);
+//! - `reply`: `<session> <message>`, the client's answers to server-initiated requests
+//!   (elicitation, sampling) and its `notifications/cancelled`, delivered to every replica with
+//!   a worker for the session (a reply's id names the one worker that waits for it);
 //! - `del`: a session id that ended; every replica drops its in-memory worker;
 //! - `legacy:<session>`: messages POSTed for a 2024-11-05 SSE session held elsewhere.
 //!

@@ -306,7 +306,17 @@ impl Handler {
                     .min(10_000);
                 let token = cx.meta.get_progress_token();
                 for step in 1..=steps {
-                    tokio::time::sleep(Duration::from_millis(delay)).await;
+                    // `notifications/cancelled` (from any replica, see `sessions.rs`) ends it.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        () = cx.ct.cancelled() => {
+                            return Err(ErrorData::new(
+                                ErrorCode(REQUEST_CANCELLED),
+                                format!("cancelled after {} of {steps} steps", step - 1),
+                                None,
+                            ));
+                        }
+                    }
                     if let Some(token) = &token {
                         let _ = cx
                             .peer
@@ -685,6 +695,9 @@ impl ServerHandler for Handler {
         Ok(conformance::complete(&request))
     }
 }
+
+/// JSON-RPC error code of a request ended by `notifications/cancelled`.
+const REQUEST_CANCELLED: i32 = -32800;
 
 /// Longest resource URI a session may subscribe to.
 const MAX_SUBSCRIPTION_URI_LEN: usize = 2048;

@@ -449,9 +449,6 @@ async fn open_session(
     }
     let (response, failures) = watch_failures(next.run(request)).await;
     let response = store_failure_is_503(response, failures);
-    let Some(owner) = caller.owner() else {
-        return response;
-    };
     let Some(id) = response
         .headers()
         .get("mcp-session-id")
@@ -460,7 +457,15 @@ async fn open_session(
     else {
         return response;
     };
-    let refused = match store.claim(&id, Some(owner), limit, false).await {
+    let claimed = if failures > 0 {
+        // rmcp only logs a record it could not write: the id would be 404 at once.
+        Ok(Admission::Missing)
+    } else if caller.owner().is_none() {
+        return response;
+    } else {
+        store.claim(&id, caller.owner(), limit, false).await
+    };
+    let refused = match claimed {
         Ok(Admission::Admitted) => return response,
         // Concurrent initializes of one principal passed `admit` together.
         Ok(Admission::Full { retry_after }) => {

@@ -9,7 +9,7 @@
 //! - [`ReplicaSessions`] is rmcp's `SessionManager`: one `LocalSessionManager` per session for the
 //!   in-memory worker, plus what crosses replicas: the standalone stream (`GET /mcp`) is fed
 //!   from the bus topic `ev:<id>`, so notifications produced on any replica reach it; client
-//!   replies to server-initiated requests are published on `reply:<id>` and delivered where the
+//!   replies to server-initiated requests are published on `reply` and delivered where the
 //!   request waits.
 //!
 //! See `sessions.md` beside this file for the whole picture.
@@ -315,6 +315,7 @@ impl ReplicaSessions {
             epoch: Instant::now(),
         });
         tokio::spawn(drop_deleted_sessions(Arc::downgrade(&this)));
+        tokio::spawn(deliver_replies(Arc::downgrade(&this)));
         tokio::spawn(drop_idle_workers(Arc::downgrade(&this)));
         this
     }
@@ -428,13 +429,6 @@ impl ReplicaSessions {
             return Err(SessionError::NotFound(id));
         };
         let stop = self.node.stop.child_token();
-        tokio::spawn(deliver_replies(
-            self.node.clone(),
-            manager.clone(),
-            id.clone(),
-            tag.clone(),
-            stop.clone(),
-        ));
         let previous = self.sessions.write().await.insert(
             id,
             LocalSession {
@@ -548,28 +542,46 @@ impl ReplicaSessions {
     }
 }
 
-/// Hands the client's replies and cancellations published on `reply:<id>` to this
-/// replica's worker: a reply only if its id carries this worker's tag (so exactly the one
-/// waiting request gets it), a notification always.
-async fn deliver_replies(
-    node: Arc<Node>,
-    manager: Arc<LocalSessionManager>,
-    id: SessionId,
-    tag: Arc<str>,
-    stop: CancellationToken,
-) {
-    let mut replies = node.bus.subscribe(&format!("reply:{id}"));
+/// Bus topic of the client's replies and cancellations, as `<session id> <message>`: one
+/// topic for all sessions, so a worker costs no subscription of its own.
+pub const REPLY_TOPIC: &str = "reply";
+
+/// Hands the client's replies and cancellations published on [`REPLY_TOPIC`] to this
+/// replica's worker of their session: a reply only if its id carries the worker's tag (so
+/// exactly the one waiting request gets it), a notification always.
+async fn deliver_replies(sessions: std::sync::Weak<ReplicaSessions>) {
+    let Some(mut replies) = sessions
+        .upgrade()
+        .map(|s| s.node.bus.subscribe(REPLY_TOPIC))
+    else {
+        return;
+    };
     loop {
-        let payload = tokio::select! {
-            p = replies.recv() => p,
-            () = stop.cancelled() => return,
-        };
-        let payload = match payload {
+        let payload = match replies.recv().await {
             Ok(p) => p,
-            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                tracing::warn!(lost = n, "client replies lagged");
+                continue;
+            }
             Err(_) => return,
         };
-        let message = match serde_json::from_str::<ClientJsonRpcMessage>(&payload) {
+        let Some(sessions) = sessions.upgrade() else {
+            return;
+        };
+        let Some((id, json)) = payload.split_once(' ') else {
+            continue;
+        };
+        let id = SessionId::from(id);
+        let Some((manager, tag)) = sessions
+            .sessions
+            .read()
+            .await
+            .get(&id)
+            .map(|s| (s.manager.clone(), s.tag.clone()))
+        else {
+            continue;
+        };
+        let message = match serde_json::from_str::<ClientJsonRpcMessage>(json) {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "undecodable reply on bus");
@@ -728,7 +740,7 @@ impl SessionManager for ReplicaSessions {
             let json = serde_json::to_string(&message)?;
             self.node
                 .store
-                .publish(&format!("reply:{id}"), &json)
+                .publish(REPLY_TOPIC, &format!("{id} {json}"))
                 .await?;
         } else {
             let (manager, ..) = self.local(id).await?;

@@ -7,8 +7,12 @@
 //! - `restore`: the cost of a session on a replica that never saw it. For each of N sessions it
 //!   initializes on one replica, then times a `ping` on another replica (which restores the
 //!   session from Redis) and a second `ping` there (cached), and prints the percentiles as JSON.
-//! - `sessions`: initializes N sessions round-robin over the replicas and prints their ids, one
-//!   per line (the harness's `tools/call` load uses them).
+//! - `sessions`: initializes N sessions round-robin over the replicas (each then makes
+//!   `--calls` `tools/call`) and prints their ids, one per line (the harness's `tools/call`
+//!   load uses them; `benches/state` measures what the sessions cost).
+//! - `churn`: sessions coming and going at a steady pace for a while (the soak of
+//!   `benches/state`): each worker opens a session, makes a few `tools/call`, then deletes every
+//!   other session and abandons the rest to expire; prints the totals as JSON.
 //!
 //! The MCP handshake and requests are the integration harness's `McpClient`.
 
@@ -59,6 +63,26 @@ enum Command {
         replicas: Vec<String>,
         #[arg(long)]
         count: usize,
+        /// `tools/call` (echo) each session makes after its initialize.
+        #[arg(long, default_value_t = 0)]
+        calls: usize,
+    },
+    /// Open, use and end or abandon sessions at a steady pace for a while.
+    Churn {
+        /// MCP endpoint URL (the proxy).
+        #[arg(long)]
+        url: String,
+        #[arg(long)]
+        seconds: u64,
+        /// Sessions in flight at once.
+        #[arg(long, default_value_t = 8)]
+        workers: usize,
+        /// `tools/call` per session.
+        #[arg(long, default_value_t = 5)]
+        calls: usize,
+        /// Sessions started per second, all workers together.
+        #[arg(long, default_value_t = 20)]
+        rate: u64,
     },
 }
 
@@ -72,15 +96,103 @@ async fn main() -> Result<()> {
             concurrency,
         } => idle(&addr, &path, count, concurrency).await,
         Command::Restore { replicas, sessions } => restore(&replicas, sessions as usize).await,
-        Command::Sessions { replicas, count } => {
+        Command::Sessions {
+            replicas,
+            count,
+            calls,
+        } => {
             let http = reqwest::Client::new();
             for i in 0..count {
-                let c = session_on(&http, &replicas[i % replicas.len()]).await?;
+                let url = &replicas[i % replicas.len()];
+                let c = session_on(&http, url).await?;
+                for n in 0..calls {
+                    echo(&c, url, n as i64 + 2).await?;
+                }
                 println!("{}", c.session.unwrap_or_default());
             }
             Ok(())
         }
+        Command::Churn {
+            url,
+            seconds,
+            workers,
+            calls,
+            rate,
+        } => churn(&url, Duration::from_secs(seconds), workers, calls, rate).await,
     }
+}
+
+/// Sessions opened, used and ended (every other one deleted, the rest abandoned) at `rate`
+/// per second by `workers` concurrent loops, for `length`.
+async fn churn(url: &str, length: Duration, workers: usize, calls: usize, rate: u64) -> Result<()> {
+    let http = reqwest::Client::new();
+    let end = Instant::now() + length;
+    let ticket = std::sync::Arc::new(Semaphore::new(0));
+    // The pacer hands out one ticket per session start.
+    let pacer = {
+        let ticket = ticket.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
+            while Instant::now() < end {
+                tick.tick().await;
+                ticket.add_permits(1);
+            }
+            ticket.close();
+        })
+    };
+    let mut tasks = Vec::new();
+    for w in 0..workers {
+        let (http, url, ticket) = (http.clone(), url.to_owned(), ticket.clone());
+        tasks.push(tokio::spawn(async move {
+            let (mut sessions, mut ok, mut errors) = (0u64, 0u64, 0u64);
+            let mut n = w;
+            while let Ok(permit) = ticket.acquire().await {
+                permit.forget();
+                n += workers;
+                let Ok(c) = session_on(&http, &url).await else {
+                    errors += 1;
+                    continue;
+                };
+                sessions += 1;
+                for i in 0..calls {
+                    match echo(&c, &url, i as i64 + 2).await {
+                        Ok(()) => ok += 1,
+                        Err(_) => errors += 1,
+                    }
+                }
+                if n % 2 == 0 && c.delete(&url).await.ok() != Some(200) {
+                    errors += 1;
+                }
+            }
+            (sessions, ok, errors)
+        }));
+    }
+    let _ = pacer.await;
+    let (mut sessions, mut ok, mut errors) = (0, 0, 0);
+    for t in tasks {
+        let (s, o, e) = t.await?;
+        sessions += s;
+        ok += o;
+        errors += e;
+    }
+    println!(
+        "{}",
+        json!({"sessions": sessions, "calls": ok, "errors": errors})
+    );
+    Ok(())
+}
+
+async fn echo(c: &McpClient, url: &str, id: i64) -> Result<()> {
+    c.call(
+        url,
+        id,
+        "tools/call",
+        json!({"name": "echo", "arguments": {"message": "hi"}}),
+    )
+    .await?
+    .result(id)
+    .with_context(|| format!("tools/call on {url}"))?;
+    Ok(())
 }
 
 async fn idle(addr: &str, path: &str, count: usize, concurrency: usize) -> Result<()> {

@@ -251,6 +251,43 @@ async fn elicitations_on_two_replicas_each_get_their_own_reply() {
     assert_eq!(rb["result"]["structuredContent"]["node"], "b");
 }
 
+/// `notifications/cancelled` posted to one replica ends the request running on another.
+#[tokio::test]
+async fn a_cancellation_reaches_the_request_on_another_replica() {
+    let redis = Redis::start(false).await.expect("redis");
+    let (a, _ca) = backend("a", Some(&redis.url()), "").await;
+    let (b, _cb) = backend("b", Some(&redis.url()), "").await;
+    let c = session(&a.mcp(), json!({})).await;
+    let slow = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+        "params": {"name": "slow_task", "arguments": {"steps": 100, "delay_ms": 100}}});
+    let (_, mut on_a) = c
+        .post_stream(&a.mcp(), &slow)
+        .await
+        .expect("slow_task on a");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = Instant::now();
+    let cancel = json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 7, "reason": "changed my mind"}});
+    let posted = c.post(&b.mcp(), &cancel).await.expect("cancel posted to b");
+    assert_eq!(posted.status, 202);
+    // A cancelled request gets no response (MCP): its stream on a just ends, early.
+    let mut answered = None;
+    while let Ok(Some(event)) = tokio::time::timeout(WAIT, on_a.recv()).await {
+        if let Some(m) = event.json().filter(|m| m["id"] == 7) {
+            answered = Some(m);
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the stream on a ends well before the task's 10 s: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        answered.is_none(),
+        "no result for a cancelled request: {answered:?}"
+    );
+}
+
 /// Killing the replicas' pub/sub connections while notifications are raised loses none
 /// of them on an open GET stream and repeats none: the stream re-reads the log.
 #[tokio::test]
