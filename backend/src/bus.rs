@@ -160,7 +160,7 @@ impl Bus {
                         let msg = tokio::select! {
                             m = messages.next() => m,
                             _ = health.tick() => {
-                                let ping = tokio::time::timeout(timeout, sink.ping::<String>()).await;
+                                let ping = tokio::time::timeout(timeout, sink.ping::<redis::Value>()).await;
                                 if !matches!(ping, Ok(Ok(_))) {
                                     tracing::warn!("bus subscription did not answer its health check");
                                     break;

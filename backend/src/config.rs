@@ -675,6 +675,22 @@ fn redis_config(
             tls = true;
         }
     }
+    // A CA or client certificate with a plain redis:// URL would silently connect in the clear.
+    let plain = match &topology {
+        RedisTopology::Single(u) => Some(u.as_str()),
+        RedisTopology::Cluster(nodes) => nodes
+            .iter()
+            .find(|u| !u.starts_with("rediss://"))
+            .map(String::as_str),
+        RedisTopology::Sentinel { .. } => None,
+    };
+    if tls && let Some(url) = plain.filter(|u| u.starts_with("redis://")) {
+        return Err(invalid(
+            "redis.url",
+            redact_url(url),
+            "TLS is configured (tls, ca_file or cert_file): use a rediss:// URL",
+        ));
+    }
     Ok(Some(RedisConfig {
         topology,
         username: file.username.filter(|u| !u.is_empty()),

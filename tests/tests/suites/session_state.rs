@@ -293,6 +293,7 @@ async fn a_cancellation_reaches_the_request_on_another_replica() {
 #[tokio::test]
 async fn a_forced_pubsub_reconnect_loses_no_event_of_an_open_stream() {
     let redis = Redis::start(false).await.expect("redis");
+    let started = Instant::now();
     let (a, _ca) = backend("a", Some(&redis.url()), "").await;
     let (b, _cb) = backend("b", Some(&redis.url()), "").await;
     let c = session(&a.mcp(), json!({})).await;
@@ -346,6 +347,17 @@ async fn a_forced_pubsub_reconnect_loses_no_event_of_an_open_stream() {
     })
     .await;
     assert!(extra.is_none(), "no event is repeated: {extra:?}");
+    // The bus PINGs its subscription every 5 s: a healthy one never fails the check.
+    let wait = Duration::from_secs(11).saturating_sub(started.elapsed());
+    tokio::time::sleep(wait).await;
+    for backend in [&a, &b] {
+        let log = backend.log();
+        assert!(
+            !log.contains("did not answer its health check"),
+            "{}: a live subscription passes its health check: {log}",
+            backend.node_id
+        );
+    }
 }
 
 /// Three backends and the proxy on a real 3-master Redis Cluster: a session moves across
