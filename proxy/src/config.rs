@@ -61,6 +61,8 @@ pub mod defaults {
     /// Each write to a client must complete within this time: a client that stops reading a
     /// stream is cut off.
     pub const CLIENT_WRITE_TIMEOUT_MS: u64 = 30_000;
+    /// Session pins held at most (each map: persistence, 2024-11-05 streams).
+    pub const MAX_SESSION_PINS: usize = 100_000;
     /// Per principal (or client address without auth); 0 turns the limit off.
     pub const REQUESTS_PER_SECOND: u32 = 0;
     pub const MAX_CONCURRENT_REQUESTS: u32 = 256;
@@ -241,6 +243,7 @@ pub struct LimitsFile {
     pub header_read_timeout_ms: u64,
     pub body_read_timeout_ms: u64,
     pub client_write_timeout_ms: u64,
+    pub max_session_pins: usize,
 }
 
 impl Default for LimitsFile {
@@ -252,6 +255,7 @@ impl Default for LimitsFile {
             header_read_timeout_ms: defaults::HEADER_READ_TIMEOUT_MS,
             body_read_timeout_ms: defaults::BODY_READ_TIMEOUT_MS,
             client_write_timeout_ms: defaults::CLIENT_WRITE_TIMEOUT_MS,
+            max_session_pins: defaults::MAX_SESSION_PINS,
         }
     }
 }
@@ -473,6 +477,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub body_read_timeout: Duration,
     pub client_write_timeout: Duration,
+    /// Session pins held at most; the least recently used goes first.
+    pub max_session_pins: usize,
 }
 
 /// A pool's per-principal limits (0: off).
@@ -915,6 +921,14 @@ impl FileConfig {
             3_600_000,
         )?;
 
+        if !(1..=10_000_000).contains(&l.max_session_pins) {
+            return Err(invalid(
+                "limits.max_session_pins",
+                l.max_session_pins,
+                "must be between 1 and 10000000",
+            ));
+        }
+
         Ok(Config {
             server,
             listeners,
@@ -927,6 +941,7 @@ impl FileConfig {
                 header_read_timeout,
                 body_read_timeout,
                 client_write_timeout,
+                max_session_pins: l.max_session_pins,
             },
             pools,
             source: None,
@@ -1337,6 +1352,11 @@ mod tests {
                 format!("{MINIMAL}limits: {{max_header_bytes: 5}}\n"),
                 "limits.max_header_bytes",
                 "\"5\"",
+            ),
+            (
+                format!("{MINIMAL}limits: {{max_session_pins: 0}}\n"),
+                "limits.max_session_pins",
+                "\"0\"",
             ),
             (
                 pool("routing: {post: random}"),

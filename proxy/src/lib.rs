@@ -12,6 +12,7 @@
 //!   method) and the JSON-RPC errors it answers with.
 //! - [`respond`]: the answers the proxy writes itself.
 //! - [`pool`]: backends' live state (health, drain, counters) and selection per policy.
+//! - [`pins`]: session -> backend pins, bounded (least recently used out first).
 //! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
 //! - [`health`]: active health checks and SIGHUP reloads, as a background service.
 //! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
@@ -26,6 +27,7 @@ pub mod health;
 pub mod limits;
 pub mod mcp;
 pub mod metrics;
+pub mod pins;
 pub mod pool;
 pub mod proxy;
 pub mod request;

@@ -6,7 +6,6 @@
 //! were on it, and two proxies with the same config agree. *Persistence* (the `persistence`
 //! and `cookie` policies, and legacy `endpoint` pins) remembers a session -> backend pin.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -329,86 +328,6 @@ fn rendezvous_score(key: u64, seed: u64, weight: usize) -> f64 {
     -(weight as f64) / u.ln()
 }
 
-/// Session -> backend pins with an idle expiry. Keyed by session id; the value names the pool
-/// and backend so that pins survive reloads that keep the backend.
-#[derive(Debug, Default)]
-pub struct Pins {
-    map: Mutex<HashMap<String, Pin>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Pin {
-    pub pool: String,
-    pub backend: String,
-    last_used: Instant,
-    ttl: Duration,
-}
-
-impl Pins {
-    pub fn insert(&self, session: &str, pool: &str, backend: &str, ttl: Duration) {
-        if let Ok(mut m) = self.map.lock() {
-            m.insert(
-                session.to_owned(),
-                Pin {
-                    pool: pool.to_owned(),
-                    backend: backend.to_owned(),
-                    last_used: Instant::now(),
-                    ttl,
-                },
-            );
-        }
-    }
-
-    /// The pin for `session`, refreshed.
-    pub fn get(&self, session: &str) -> Option<Pin> {
-        let mut m = self.map.lock().ok()?;
-        let pin = m.get_mut(session)?;
-        if pin.last_used.elapsed() > pin.ttl {
-            m.remove(session);
-            return None;
-        }
-        pin.last_used = Instant::now();
-        Some(pin.clone())
-    }
-
-    /// Every pin of session `id`, whoever's (`principal-hash:id` keys included), for the
-    /// admin explainer.
-    pub fn find_session(&self, id: &str) -> Vec<Pin> {
-        let Ok(m) = self.map.lock() else {
-            return Vec::new();
-        };
-        m.iter()
-            .filter(|(k, _)| {
-                k.as_str() == id
-                    || k.strip_suffix(id)
-                        .is_some_and(|rest| rest.ends_with(':') && rest.len() == 65)
-            })
-            .map(|(_, p)| p.clone())
-            .collect()
-    }
-
-    pub fn remove(&self, session: &str) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(session);
-        }
-    }
-
-    /// Drops expired pins; the health loop calls this.
-    pub fn sweep(&self) {
-        if let Ok(mut m) = self.map.lock() {
-            m.retain(|_, p| p.last_used.elapsed() <= p.ttl);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.map.lock().map_or(0, |m| m.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -541,17 +460,5 @@ mod tests {
         );
         assert_eq!(q.weights[0], 5);
         assert!(Arc::ptr_eq(&p.backends[1], &q.backends[1]));
-    }
-
-    #[test]
-    fn pins_expire_when_idle() {
-        let pins = Pins::default();
-        pins.insert("s1", "p", "b", Duration::from_secs(60));
-        pins.insert("s2", "p", "b", Duration::ZERO);
-        std::thread::sleep(Duration::from_millis(2));
-        assert_eq!(pins.get("s1").map(|p| p.backend), Some("b".into()));
-        assert!(pins.get("s2").is_none());
-        pins.sweep();
-        assert_eq!(pins.len(), 1);
     }
 }

@@ -9,6 +9,7 @@ use arc_swap::ArcSwap;
 use crate::config::Route;
 use crate::config::{Config, ConfigError};
 use crate::metrics::Metrics;
+use crate::pins::Pins;
 use crate::pool::{Pool, Transition};
 use crate::request::RouteTable;
 
@@ -47,9 +48,9 @@ impl Snapshot {
 pub struct Shared {
     current: ArcSwap<Snapshot>,
     /// Persistence pins learned from `initialize` responses.
-    pub sessions: crate::pool::Pins,
+    pub sessions: Pins,
     /// 2024-11-05 session ids read from `endpoint` events, pinned to the backend of the stream.
-    pub legacy: crate::pool::Pins,
+    pub legacy: Pins,
     pub metrics: Metrics,
     reload_lock: Mutex<()>,
 }
@@ -57,11 +58,12 @@ pub struct Shared {
 impl Shared {
     pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new()?;
+        let pins = config.limits.max_session_pins;
         let snapshot = build(config, None);
         let shared = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
-            sessions: Default::default(),
-            legacy: Default::default(),
+            sessions: Pins::new(pins),
+            legacy: Pins::new(pins),
             metrics,
             reload_lock: Mutex::new(()),
         });
@@ -113,6 +115,8 @@ impl Shared {
                 "limits.header_read_timeout_ms changed: takes effect after a restart".to_owned(),
             );
         }
+        self.sessions.resize(config.limits.max_session_pins);
+        self.legacy.resize(config.limits.max_session_pins);
         if config.server.threads != old.config.server.threads {
             warnings.push("server.threads changed: takes effect after a restart".to_owned());
         }

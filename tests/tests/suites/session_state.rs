@@ -521,6 +521,10 @@ async fn a_sentinel_failover_costs_503s_and_no_replicated_session() {
         recovered_at.is_some(),
         "sessions continue on the new master: {statuses:?}"
     );
+    assert!(
+        statuses.contains_key(&503),
+        "the failover was seen as 503s, not hidden: {statuses:?}"
+    );
     assert_eq!(sentinel.current_master().await, Some(sentinel.replica_port));
     let _ = sentinel.dir();
 }
