@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use proxy::config::Config;
-use proxy::pool::{Pins, Pool};
+use proxy::pins::Pins;
+use proxy::pool::Pool;
 use rmcp::model::{InitializeRequestParams, ServerJsonRpcMessage};
 use rmcp::transport::streamable_http_server::session::ServerSseMessage;
 use serde_json::json;
@@ -49,7 +50,7 @@ fn selection(c: &mut Criterion) {
     g.bench_function("session-hash, one backend excluded", |b| {
         b.iter(|| black_box(pool.hash(black_box(SESSION.as_bytes()), &[1])))
     });
-    let pins = Pins::default();
+    let pins = Pins::new(100_000);
     for i in 0..10_000 {
         pins.insert(
             &format!("session-{i}"),
