@@ -468,6 +468,19 @@ impl ReplicaSessions {
                 Some(after) => after.clone(),
                 None => store.log_tail(&session).await.ok().flatten(),
             };
+            if replay_after.is_none() {
+                // An event with only an id: the client (or a proxy resuming for it) knows from
+                // the first byte where this stream starts, so a reconnection with it as
+                // `Last-Event-ID` misses nothing and repeats nothing.
+                let mut start = ServerSseMessage::default();
+                start.event_id = Some(format!(
+                    "{COMMON_STREAM}/{}",
+                    last.as_deref().unwrap_or("0-0")
+                ));
+                if tx.send(start).await.is_err() {
+                    return;
+                }
+            }
             let mut catch_up = replay_after.is_some();
             loop {
                 if catch_up {

@@ -296,6 +296,10 @@ pub struct PoolFile {
     /// Serve the 2024-11-05 transport (`/sse`, `/messages`) of this pool's routes.
     #[serde(default = "serve_legacy")]
     pub legacy_transport: bool,
+    /// The backends share sessions and resume each other's streams (`mcp-backend` on one
+    /// Redis): GET streams survive the loss of their backend.
+    #[serde(default)]
+    pub shared_sessions: bool,
     #[serde(default)]
     pub routing: RoutingFile,
     #[serde(default)]
@@ -498,6 +502,8 @@ pub struct PoolConfig {
     pub backends: Vec<BackendConfig>,
     pub mcp_path: String,
     pub legacy_transport: bool,
+    /// GET streams are relayed by the proxy and resumed on another backend (`relay.rs`).
+    pub shared_sessions: bool,
     pub routing: Routing,
     pub health: HealthConfig,
     pub failover: Failover,
@@ -663,6 +669,7 @@ impl Config {
                     .collect(),
                 mcp_path: mcp_path(),
                 legacy_transport: true,
+                shared_sessions: false,
                 routing: RoutingFile::default(),
                 health_check: HealthFile::default(),
                 failover: FailoverFile::default(),
@@ -1172,6 +1179,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         backends,
         mcp_path: p.mcp_path,
         legacy_transport: p.legacy_transport,
+        shared_sessions: p.shared_sessions,
         routing: Routing {
             post: r.post,
             stream: r.stream,

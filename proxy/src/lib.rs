@@ -14,6 +14,7 @@
 //! - [`pool`]: backends' live state (health, drain, counters) and selection per policy.
 //! - [`pins`]: session -> backend pins, bounded (least recently used out first).
 //! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
+//! - [`relay`]: GET streams the proxy keeps open across backends (`shared_sessions` pools).
 //! - [`health`]: active health checks and SIGHUP reloads, as a background service.
 //! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
 //! - [`metrics`]: the Prometheus registry.
@@ -30,6 +31,7 @@ pub mod metrics;
 pub mod pins;
 pub mod pool;
 pub mod proxy;
+pub mod relay;
 pub mod request;
 pub mod respond;
 pub mod state;

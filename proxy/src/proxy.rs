@@ -48,7 +48,7 @@ pub enum Kind {
 
 /// Why the proxy answers a request itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Failure {
+pub(crate) enum Failure {
     NoneAvailable,
     SessionGone,
 }
@@ -61,37 +61,37 @@ pub struct McpProxy {
 }
 
 pub struct Ctx {
-    start: Instant,
-    snapshot: Option<Arc<Snapshot>>,
-    pool: Option<Arc<Pool>>,
-    kind: Kind,
-    session: Option<String>,
-    stateless: bool,
-    peek: mcp::Peek,
-    client_ip: Option<IpAddr>,
+    pub(crate) start: Instant,
+    pub(crate) snapshot: Option<Arc<Snapshot>>,
+    pub(crate) pool: Option<Arc<Pool>>,
+    pub(crate) kind: Kind,
+    pub(crate) session: Option<String>,
+    pub(crate) stateless: bool,
+    pub(crate) peek: mcp::Peek,
+    pub(crate) client_ip: Option<IpAddr>,
     /// The backend of the current attempt, and the first one chosen.
-    backend: Option<usize>,
-    first: Option<usize>,
+    pub(crate) backend: Option<usize>,
+    pub(crate) first: Option<usize>,
     /// Whether `backend`'s active count includes this request.
-    counted: bool,
+    pub(crate) counted: bool,
     /// Sent to a persistence pin: no other backend can serve it, so it is never retried.
-    pinned: bool,
-    tried: Vec<usize>,
-    attempts: usize,
-    body_bytes: u64,
-    response_started: bool,
-    status: u16,
-    sse: bool,
-    set_cookie: bool,
-    scan: Option<Vec<u8>>,
-    legacy_pin: Option<String>,
-    failure: Option<Failure>,
+    pub(crate) pinned: bool,
+    pub(crate) tried: Vec<usize>,
+    pub(crate) attempts: usize,
+    pub(crate) body_bytes: u64,
+    pub(crate) response_started: bool,
+    pub(crate) status: u16,
+    pub(crate) sse: bool,
+    pub(crate) set_cookie: bool,
+    pub(crate) scan: Option<Vec<u8>>,
+    pub(crate) legacy_pin: Option<String>,
+    pub(crate) failure: Option<Failure>,
     /// The route's path prefix (`""` for none), stripped upstream.
-    prefix: Arc<str>,
+    pub(crate) prefix: Arc<str>,
     /// The 2024-11-05 `endpoint` event still has to get the route's prefix.
-    rewrite_endpoint: bool,
-    principal: Option<Principal>,
-    ticket: Option<Ticket>,
+    pub(crate) rewrite_endpoint: bool,
+    pub(crate) principal: Option<Principal>,
+    pub(crate) ticket: Option<Ticket>,
 }
 
 impl McpProxy {
@@ -102,7 +102,7 @@ impl McpProxy {
     }
 
     /// Picks the backend for this attempt, skipping backends already tried.
-    fn select(
+    pub(crate) fn select(
         &self,
         session: &Session,
         ctx: &mut Ctx,
@@ -197,13 +197,34 @@ impl McpProxy {
         }
     }
 
-    fn release(&self, ctx: &mut Ctx) {
+    pub(crate) fn release(&self, ctx: &mut Ctx) {
         if ctx.counted
             && let (Some(pool), Some(i)) = (&ctx.pool, ctx.backend)
         {
             pool.backends[i].active.fetch_sub(1, Ordering::Relaxed);
         }
         ctx.counted = false;
+    }
+
+    /// Answers a request that could not be routed (`ctx.failure`) as `fail_to_proxy` would.
+    pub(crate) async fn answer_failure(
+        &self,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<bool> {
+        let Some(f) = ctx.failure else {
+            return Ok(false);
+        };
+        let pool = ctx.pool.clone();
+        let name = pool.as_ref().map_or("-", |p| p.config.name.as_str());
+        let (status, code, message, retry) =
+            failure_reply(f, name, pool.as_ref().map(|p| retry_after(p)));
+        let extra: Vec<(&'static str, String)> = retry
+            .map(|s| ("retry-after", s.to_string()))
+            .into_iter()
+            .collect();
+        self.refuse(session, ctx, status, code, &message, &extra)
+            .await
     }
 
     fn may_retry(&self, ctx: &Ctx, pool: &Pool) -> bool {
@@ -381,6 +402,25 @@ fn cookie<'a>(session: &'a Session, name: &str) -> Option<&'a str> {
             let (k, v) = kv.trim().split_once('=')?;
             (k == name).then_some(v.trim_matches('"'))
         })
+}
+
+/// The status, JSON-RPC code, message and `Retry-After` of a request the proxy could not
+/// route.
+fn failure_reply(f: Failure, pool: &str, retry: Option<u64>) -> (u16, i32, String, Option<u64>) {
+    match f {
+        Failure::NoneAvailable => (
+            503,
+            -32000,
+            format!("no healthy backend in pool {pool}; retry later"),
+            retry,
+        ),
+        Failure::SessionGone => (
+            404,
+            -32001,
+            "session not found: its backend is gone; initialize a new session".into(),
+            None,
+        ),
+    }
 }
 
 fn retry_after(pool: &Pool) -> u64 {
@@ -659,6 +699,10 @@ impl ProxyHttp for McpProxy {
         }
         if kind == Kind::LegacyMessage {
             ctx.session = req.uri.query().and_then(mcp::query_session_id);
+        }
+        if kind == Kind::Stream && pool.config.shared_sessions && ctx.session.is_some() {
+            // Any backend can resume this stream: the proxy keeps it open across backends.
+            return self.relay_stream(session, ctx, &pool).await;
         }
         Ok(false)
     }
@@ -1000,18 +1044,7 @@ impl ProxyHttp for McpProxy {
         let (status, code, message, retry_after): (u16, i32, String, Option<u64>) = match ctx
             .failure
         {
-            Some(Failure::NoneAvailable) => (
-                503,
-                -32000,
-                format!("no healthy backend in pool {pool_name}; retry later"),
-                retry,
-            ),
-            Some(Failure::SessionGone) => (
-                404,
-                -32001,
-                "session not found: its backend is gone; initialize a new session".into(),
-                None,
-            ),
+            Some(f) => failure_reply(f, &pool_name, retry),
             None => match e.etype() {
                 ErrorType::HTTPStatus(413) => (413, -32600, "request body too large".into(), None),
                 ErrorType::HTTPStatus(c) => (*c, -32000, "request failed".into(), None),

@@ -52,6 +52,8 @@ pub struct Shared {
     /// 2024-11-05 session ids read from `endpoint` events, pinned to the backend of the stream.
     pub legacy: Pins,
     pub metrics: Metrics,
+    /// HTTP client of the stream relay (`relay.rs`); system proxy settings are ignored.
+    pub relay_client: reqwest::Client,
     reload_lock: Mutex<()>,
 }
 
@@ -65,6 +67,11 @@ impl Shared {
             sessions: Pins::new(pins),
             legacy: Pins::new(pins),
             metrics,
+            relay_client: reqwest::Client::builder()
+                .no_proxy()
+                .tcp_nodelay(true)
+                .build()
+                .unwrap_or_default(),
             reload_lock: Mutex::new(()),
         });
         shared.publish_health();

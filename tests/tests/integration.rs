@@ -14,6 +14,8 @@ const WAIT: Duration = Duration::from_secs(10);
 
 #[path = "suites/backend_security.rs"]
 mod backend_security;
+#[path = "suites/continuity.rs"]
+mod continuity;
 #[path = "suites/edge_security.rs"]
 mod edge_security;
 #[path = "suites/session_state.rs"]

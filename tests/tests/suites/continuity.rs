@@ -1,0 +1,193 @@
+//! Issue 10: nothing breaks when a backend goes away. Real Redis, real backends, the real
+//! proxy; backends are SIGKILLed, drained and restarted while clients use them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{Backend, McpClient, Proxy, Redis};
+use tokio::sync::Mutex;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn health(b: &Backend) -> Value {
+    match reqwest::get(format!("{}/health", b.base())).await {
+        Ok(r) => r.json().await.unwrap_or_default(),
+        Err(_) => Value::Null,
+    }
+}
+
+/// The backend holding the session's standalone stream, once it is not `moved_from`: the one
+/// with the stream's `ev:<id>` bus topic (one session in the test, so one more topic than the
+/// other replicas).
+async fn stream_holder(
+    backends: &[Backend],
+    baseline: u64,
+    moved_from: Option<usize>,
+) -> Option<usize> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        let mut holders = Vec::new();
+        for (i, b) in backends.iter().enumerate() {
+            if health(b).await["busTopics"].as_u64() == Some(baseline + 1) {
+                holders.push(i);
+            }
+        }
+        if let [only] = holders.as_slice()
+            && Some(*only) != moved_from
+        {
+            return Some(*only);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A client holds a GET stream through the proxy while notifications are raised every 100 ms;
+/// the stream's backend is SIGKILLed, then the next holder drained, then the next one
+/// restarted: every notification arrives exactly once and in order, on one HTTP response.
+#[tokio::test]
+async fn a_stream_survives_its_backend_killed_drained_and_restarted() {
+    let redis = Redis::start(false).await.expect("redis");
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(
+            Backend::start(name, Some(&redis.url()), &[])
+                .await
+                .expect("backend"),
+        );
+    }
+    let baseline = health(&backends[0]).await["busTopics"]
+        .as_u64()
+        .unwrap_or(0);
+    let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
+    let proxy = Proxy::start(&addrs, "shared_sessions: true")
+        .await
+        .expect("proxy");
+    let mut c = McpClient::new();
+    c.initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    let (status, mut stream) = c.open_stream(&proxy.mcp(), None).await.expect("GET");
+    assert_eq!(status, 200);
+    let first = stream_holder(&backends, baseline, None)
+        .await
+        .expect("a holder");
+
+    // One notification every 100 ms; remember those whose call succeeded.
+    let sent = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let notifier = {
+        let (c, url, sent, stop) = (c.clone(), proxy.mcp(), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                let ok = c
+                    .tool(
+                        &url,
+                        1000 + n as i64,
+                        "notify",
+                        json!({"message": format!("n{n}")}),
+                    )
+                    .await
+                    .is_ok();
+                if ok {
+                    sent.lock().await.push(n);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let received = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            let mut closed = false;
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), stream.recv()).await {
+                    Ok(Some(event)) => {
+                        let Some(m) = event.json() else { continue };
+                        if m["method"] == "notifications/message"
+                            && let Some(n) = m["params"]["data"]["message"]
+                                .as_str()
+                                .and_then(|s| s.strip_prefix('n'))
+                                .and_then(|s| s.parse::<u64>().ok())
+                        {
+                            received.lock().await.push(n);
+                        }
+                    }
+                    Ok(None) => {
+                        closed = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            closed
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // 1. SIGKILL the holder.
+    backends[first].kill().await;
+    let second = stream_holder(&backends, baseline, Some(first))
+        .await
+        .expect("the stream moved to another backend");
+    backends[first].restart().await.expect("restart");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // 2. Drain the new holder: the stream moves within a second.
+    let name = backends[second].address();
+    let (s, v) = proxy
+        .admin_post(&format!("/admin/backends/{name}/drain"))
+        .await
+        .expect("drain");
+    assert_eq!(s, 200, "{v}");
+    let moved_at = Instant::now();
+    let third = stream_holder(&backends, baseline, Some(second))
+        .await
+        .expect("the stream left the drained backend");
+    assert!(
+        moved_at.elapsed() < Duration::from_secs(3),
+        "moved in {:?}",
+        moved_at.elapsed()
+    );
+    let (s, v) = proxy
+        .admin_post(&format!("/admin/backends/{name}/undrain"))
+        .await
+        .expect("undrain");
+    assert_eq!(s, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    // 3. Restart the holder (SIGKILL, start again).
+    backends[third].restart().await.expect("restart");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    stop.store(true, Ordering::Relaxed);
+    let _ = notifier.await;
+    let sent = sent.lock().await.clone();
+    let last = *sent.last().expect("notifications were sent");
+    let deadline = Instant::now() + WAIT;
+    while !received.lock().await.contains(&last) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let got = received.lock().await.clone();
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in order, none twice: {got:?}"
+    );
+    let missing: Vec<u64> = sent.iter().filter(|n| !got.contains(n)).copied().collect();
+    assert!(
+        missing.is_empty(),
+        "every notification arrives: missing {missing:?} of {sent:?}"
+    );
+    assert!(
+        got.len() >= 20,
+        "the run lasted: {} notifications",
+        got.len()
+    );
+    assert!(!reader.is_finished(), "the one HTTP response is still open");
+    reader.abort();
+}
