@@ -31,6 +31,10 @@ pub const DEFAULT_MAX_LOCAL_SESSIONS: usize = 10_000;
 pub const DEFAULT_WORKER_IDLE_SECONDS: u64 = 300;
 /// Resource subscriptions one session may hold.
 pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_SESSION: u64 = 100;
+/// After SIGTERM: seconds `/health` says draining while requests are still served.
+pub const DEFAULT_SHUTDOWN_DRAIN_SECONDS: u64 = 5;
+/// After the drain: seconds requests in flight get to finish.
+pub const DEFAULT_SHUTDOWN_GRACE_SECONDS: u64 = 30;
 /// Largest accepted POST body: 4 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Interval of SSE keep-alive comments.
@@ -237,6 +241,8 @@ pub struct FileConfig {
     pub max_local_sessions: Option<usize>,
     pub worker_idle_seconds: Option<u64>,
     pub max_subscriptions_per_session: Option<u64>,
+    pub shutdown_drain_seconds: Option<u64>,
+    pub shutdown_grace_seconds: Option<u64>,
     pub redis: Option<RedisFile>,
     pub allowed_hosts: Option<Vec<String>>,
     pub allowed_origins: Option<Vec<String>>,
@@ -270,6 +276,10 @@ pub struct Config {
     /// Idle time after which a session worker leaves memory.
     pub worker_idle: Duration,
     pub max_subscriptions_per_session: u64,
+    /// After SIGTERM, how long `/health` says draining while requests are still served.
+    pub shutdown_drain: Duration,
+    /// Then how long requests in flight get to finish (streams end at once).
+    pub shutdown_grace: Duration,
     /// Empty: any `Host` is accepted.
     pub allowed_hosts: Vec<String>,
     /// Empty: `Origin` is not checked. Otherwise a present, unlisted `Origin` gets 403.
@@ -431,6 +441,26 @@ impl FileConfig {
         if max_local_sessions == 0 {
             return Err(invalid("max_local_sessions", 0, "must be at least 1"));
         }
+        let shutdown_drain = self
+            .shutdown_drain_seconds
+            .unwrap_or(DEFAULT_SHUTDOWN_DRAIN_SECONDS);
+        if shutdown_drain > 600 {
+            return Err(invalid(
+                "shutdown_drain_seconds",
+                shutdown_drain,
+                "must be between 0 and 600",
+            ));
+        }
+        let shutdown_grace = self
+            .shutdown_grace_seconds
+            .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECONDS);
+        if shutdown_grace > 3600 {
+            return Err(invalid(
+                "shutdown_grace_seconds",
+                shutdown_grace,
+                "must be between 0 and 3600",
+            ));
+        }
         let worker_idle = self
             .worker_idle_seconds
             .unwrap_or(DEFAULT_WORKER_IDLE_SECONDS);
@@ -548,6 +578,8 @@ impl FileConfig {
             max_subscriptions_per_session: self
                 .max_subscriptions_per_session
                 .unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS_PER_SESSION),
+            shutdown_drain: Duration::from_secs(shutdown_drain),
+            shutdown_grace: Duration::from_secs(shutdown_grace),
             allowed_hosts,
             allowed_origins,
             max_body_bytes,
@@ -1009,6 +1041,8 @@ mod conf_files {
         assert_eq!(shipped.event_log_max_bytes, default.event_log_max_bytes);
         assert_eq!(shipped.max_local_sessions, default.max_local_sessions);
         assert_eq!(shipped.worker_idle, default.worker_idle);
+        assert_eq!(shipped.shutdown_drain, default.shutdown_drain);
+        assert_eq!(shipped.shutdown_grace, default.shutdown_grace);
         assert_eq!(
             shipped.max_subscriptions_per_session,
             default.max_subscriptions_per_session

@@ -612,9 +612,15 @@ async fn health(State(state): State<AppState>) -> Response {
         "not configured"
     };
     let active = node.store.count().await.ok();
-    let healthy = redis != "unreachable";
+    let draining = node.is_draining();
+    let healthy = redis != "unreachable" && !draining;
+    let status = match (draining, healthy) {
+        (true, _) => "draining",
+        (false, true) => "healthy",
+        (false, false) => "unhealthy",
+    };
     let body = json!({
-        "status": if healthy { "healthy" } else { "unhealthy" },
+        "status": status,
         "nodeId": node.config.node_id,
         "activeSessions": active,
         "localSessions": state.sessions.local_count().await,

@@ -29,7 +29,13 @@ pub mod sessions;
 pub mod store;
 
 use axum::serve::ListenerExt;
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -44,6 +50,15 @@ pub struct Node {
     pub started: Instant,
     /// Cancelled at shutdown: ends sessions, SSE streams and background tasks.
     pub stop: CancellationToken,
+    /// Set when shutdown begins: `/health` answers 503 `draining` so balancers stop sending
+    /// new work, while requests are still served for `shutdown_drain_seconds`.
+    pub draining: AtomicBool,
+}
+
+impl Node {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
 }
 
 /// Builds the node for `config` (starts the Redis connection and bus in the background).
@@ -68,19 +83,28 @@ pub fn node(config: Config, stop: CancellationToken) -> Result<Arc<Node>, store:
         bus,
         started: Instant::now(),
         stop,
+        draining: AtomicBool::new(false),
     }))
 }
 
-/// Serves one replica on `listener` until `shutdown` completes, then ends open streams.
+/// Serves one replica on `listener` until `shutdown` completes, then leaves gracefully:
+/// `/health` says `draining` (503) while requests are still served for
+/// `shutdown_drain_seconds` (a balancer's health check takes the replica out meanwhile), then
+/// open streams end (a proxy with `shared_sessions` resumes them on another replica), the
+/// listener closes, and requests in flight get `shutdown_grace_seconds` to finish.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let stop = CancellationToken::new();
+    let drain = config.shutdown_drain;
+    let grace = config.shutdown_grace;
     let node = node(config, stop.clone()).map_err(std::io::Error::other)?;
-    let app = http::app(node);
+    let app = http::app(node.clone());
     let serve_stop = stop.clone();
+    let leaving = Arc::new(tokio::sync::Notify::new());
+    let left = leaving.clone();
     // Responses go out in several small writes (headers, SSE chunks). Without TCP_NODELAY,
     // Nagle holds the last one until the client's delayed ACK: 40 ms per request on every
     // kept-alive connection, the proxy's pooled ones included.
@@ -89,13 +113,30 @@ pub async fn run(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY");
         }
     });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Open SSE streams would hold graceful shutdown forever: end them first.
-            serve_stop.cancel();
-        })
-        .await?;
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        node.draining.store(true, Ordering::Relaxed);
+        tracing::info!(
+            drain_seconds = drain.as_secs(),
+            "draining: /health says so; still serving"
+        );
+        tokio::time::sleep(drain).await;
+        tracing::info!(
+            grace_seconds = grace.as_secs(),
+            "closing streams and the listener"
+        );
+        // Open SSE streams would hold graceful shutdown forever: end them first.
+        serve_stop.cancel();
+        left.notify_one();
+    });
+    let out_of_time = async {
+        leaving.notified().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        () = out_of_time => tracing::warn!("requests still in flight after the grace period; exiting"),
+    }
     stop.cancel();
     Ok(())
 }

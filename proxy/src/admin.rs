@@ -97,6 +97,7 @@ impl AdminApp {
                 "weight": w,
                 "healthy": b.healthy(),
                 "draining": b.draining(),
+                "drained": b.draining() && b.active.load(Ordering::Relaxed) == 0,
                 "requests": b.requests.load(Ordering::Relaxed),
                 "active": b.active.load(Ordering::Relaxed),
                 "failures": b.failures.load(Ordering::Relaxed),

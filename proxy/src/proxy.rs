@@ -895,8 +895,10 @@ impl ProxyHttp for McpProxy {
                     .method
                     .as_deref()
                     .is_some_and(|m| pool.config.failover.safe_methods.contains(m)));
+        // A pooled connection closed under us never delivered the request (pingora's
+        // ReusedOnly): safe to send elsewhere for any method.
         let retry = upstream_fault
-            && safe
+            && (safe || stale_connection)
             && !ctx.pinned
             && !ctx.response_started
             && !session.as_ref().retry_buffer_truncated()

@@ -325,6 +325,38 @@ impl Backend {
         self.kill().await;
         self.spawn().await
     }
+
+    /// Stops the process with SIGTERM (a graceful leave) and waits up to `limit` for it to exit.
+    pub async fn terminate(&mut self, limit: Duration) -> Result<()> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(());
+        };
+        if let Some(pid) = child.id() {
+            Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await
+                .context("kill -TERM")?;
+        }
+        match tokio::time::timeout(limit, child.wait()).await {
+            Ok(status) => {
+                status.context("wait for mcp-backend")?;
+                Ok(())
+            }
+            Err(_) => {
+                let _ = child.kill().await;
+                bail!(
+                    "backend {} did not exit within {limit:?} of SIGTERM",
+                    self.node_id
+                )
+            }
+        }
+    }
+
+    /// Starts the process again after [`Backend::terminate`] or [`Backend::kill`].
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.spawn().await
+    }
 }
 
 /// A real `mcp-proxy` process with a generated config file, on free ports.

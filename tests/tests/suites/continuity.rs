@@ -191,3 +191,145 @@ async fn a_stream_survives_its_backend_killed_drained_and_restarted() {
     assert!(!reader.is_finished(), "the one HTTP response is still open");
     reader.abort();
 }
+
+/// Every backend restarted in turn with SIGTERM (drain, then exit) while sessions call tools
+/// through the proxy and a stream receives notifications: no request fails, the stream never
+/// breaks, and no counter skips or repeats.
+#[tokio::test]
+async fn a_rolling_restart_under_load_is_invisible() {
+    let redis = Redis::start(false).await.expect("redis");
+    let dir = tests::TempDir::new("backend-conf");
+    let conf = dir.0.join("backend.yaml");
+    std::fs::write(
+        &conf,
+        "shutdown_drain_seconds: 1\nshutdown_grace_seconds: 5\n",
+    )
+    .expect("write config");
+    let conf = conf.to_str().unwrap_or_default().to_owned();
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(
+            Backend::start(name, Some(&redis.url()), &["-c", &conf])
+                .await
+                .expect("backend"),
+        );
+    }
+    let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
+    let proxy = Proxy::start(&addrs, "shared_sessions: true")
+        .await
+        .expect("proxy");
+    let url = proxy.mcp();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..6 {
+        let (url, stop) = (url.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = McpClient::new();
+            c.initialize(&url, json!({})).await.expect("initialize");
+            let (mut ok, mut failed, mut expected) = (0u64, Vec::new(), 1i64);
+            let mut id = 10;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                match c
+                    .tool(&url, id, "counter", json!({"action": "increment"}))
+                    .await
+                {
+                    Ok(r) => {
+                        let v = r["structuredContent"]["value"].as_i64().unwrap_or(-1);
+                        assert_eq!(v, expected, "worker {w}: the counter goes up by one");
+                        expected += 1;
+                        ok += 1;
+                    }
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        }));
+    }
+    let mut c = McpClient::new();
+    c.initialize(&url, json!({})).await.expect("initialize");
+    let (status, mut stream) = c.open_stream(&url, None).await.expect("GET");
+    assert_eq!(status, 200);
+    let sent = Arc::new(Mutex::new(Vec::<u64>::new()));
+    let notifier = {
+        let (c, url, sent, stop) = (c.clone(), url.clone(), sent.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                if c.tool(
+                    &url,
+                    1000 + n as i64,
+                    "notify",
+                    json!({"message": format!("n{n}")}),
+                )
+                .await
+                .is_ok()
+                {
+                    sent.lock().await.push(n);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for b in &mut backends {
+        b.terminate(Duration::from_secs(15))
+            .await
+            .expect("graceful exit");
+        b.start_again().await.expect("start again");
+        let name = b.address();
+        let deadline = Instant::now() + WAIT;
+        while !proxy
+            .backend(&name)
+            .await
+            .is_ok_and(|v| v["healthy"] == true)
+        {
+            assert!(Instant::now() < deadline, "{name} back in the pool");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let attempted = notifier.await.unwrap_or_default();
+    let mut calls = 0;
+    for w in workers {
+        let (ok, failed) = w.await.expect("worker");
+        assert!(
+            failed.is_empty(),
+            "no call fails during a rolling restart: {failed:?}"
+        );
+        calls += ok;
+    }
+    let sent = sent.lock().await.clone();
+    assert_eq!(sent.len() as u64, attempted, "every notify call succeeded");
+    let mut got = Vec::new();
+    let last = sent.last().copied().unwrap_or(0);
+    let deadline = Instant::now() + WAIT;
+    while !got.contains(&last) && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_secs(1), stream.recv()).await {
+            Ok(Some(event)) => {
+                if let Some(n) = event.json().and_then(|m| {
+                    (m["method"] == "notifications/message")
+                        .then(|| m["params"]["data"]["message"].as_str().map(str::to_owned))
+                        .flatten()
+                }) && let Some(n) = n.strip_prefix('n').and_then(|s| s.parse::<u64>().ok())
+                {
+                    got.push(n);
+                }
+            }
+            Ok(None) => panic!("the stream broke after {got:?}"),
+            Err(_) => {}
+        }
+    }
+    assert_eq!(
+        got, sent,
+        "every notification once, in order, on one response"
+    );
+    eprintln!(
+        "rolling restart: {calls} tool calls, {} notifications, 0 failures",
+        got.len()
+    );
+}
