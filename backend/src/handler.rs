@@ -137,6 +137,23 @@ fn tools() -> Vec<Tool> {
             })),
         ),
     ]
+    .into_iter()
+    .map(annotate)
+    .collect()
+}
+
+/// What a tool does to state, for clients and for mcp-proxy's failover (a read-only tool may
+/// be repeated on another replica when its first one dies mid-call; the others never are).
+fn annotate(tool: Tool) -> Tool {
+    let read_only = matches!(
+        tool.name.as_ref(),
+        "calculator" | "echo" | "hello" | "slow_task"
+    );
+    let annotations = ToolAnnotations::new()
+        .read_only(read_only)
+        .destructive(false)
+        .idempotent(read_only);
+    tool.annotate(annotations)
 }
 
 fn arg_f64(args: &JsonObject, key: &str) -> Result<f64, String> {

@@ -389,6 +389,13 @@ impl Default for HealthFile {
 pub struct FailoverFile {
     pub max_retries: usize,
     pub safe_methods: Vec<String>,
+    /// Repeat `tools/call` of tools whose `tools/list` annotations say `readOnlyHint` or
+    /// `idempotentHint` (hints from the server: trust them only for servers you run).
+    pub trust_tool_annotations: bool,
+    /// Tools always safe to repeat, whatever their annotations.
+    pub safe_tools: Vec<String>,
+    /// Tools never repeated, whatever their annotations (wins over `safe_tools`).
+    pub unsafe_tools: Vec<String>,
 }
 
 impl Default for FailoverFile {
@@ -396,6 +403,9 @@ impl Default for FailoverFile {
         Self {
             max_retries: defaults::MAX_RETRIES,
             safe_methods: defaults::SAFE_METHODS.iter().map(|s| (*s).into()).collect(),
+            trust_tool_annotations: false,
+            safe_tools: Vec::new(),
+            unsafe_tools: Vec::new(),
         }
     }
 }
@@ -562,6 +572,9 @@ pub struct HealthConfig {
 pub struct Failover {
     pub max_retries: usize,
     pub safe_methods: HashSet<String>,
+    pub trust_tool_annotations: bool,
+    pub safe_tools: HashSet<String>,
+    pub unsafe_tools: HashSet<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -1199,6 +1212,9 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         failover: Failover {
             max_retries: f.max_retries,
             safe_methods: f.safe_methods.into_iter().collect(),
+            trust_tool_annotations: f.trust_tool_annotations,
+            safe_tools: f.safe_tools.into_iter().collect(),
+            unsafe_tools: f.unsafe_tools.into_iter().collect(),
         },
         timeouts,
         auth,

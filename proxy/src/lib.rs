@@ -15,6 +15,8 @@
 //! - [`pins`]: session -> backend pins, bounded (least recently used out first).
 //! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
 //! - [`relay`]: GET streams the proxy keeps open across backends (`shared_sessions` pools).
+//! - [`resume`]: POST answers cut short by a dying backend: resumed, repeated, or ended with
+//!   a JSON-RPC error.
 //! - [`health`]: active health checks and SIGHUP reloads, as a background service.
 //! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
 //! - [`metrics`]: the Prometheus registry.
@@ -34,6 +36,7 @@ pub mod proxy;
 pub mod relay;
 pub mod request;
 pub mod respond;
+pub mod resume;
 pub mod state;
 
 use std::sync::Arc;

@@ -55,6 +55,8 @@ pub struct Peek {
     pub id: Option<Value>,
     /// A JSON array: a 2025-03-26 batch. Never safe to repeat as a whole.
     pub batch: bool,
+    /// The tool of a `tools/call` (its `params.name`).
+    pub tool: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -63,6 +65,14 @@ struct Message<'a> {
     method: Option<std::borrow::Cow<'a, str>>,
     #[serde(default)]
     id: Option<Value>,
+    #[serde(borrow, default)]
+    params: Option<Params<'a>>,
+}
+
+#[derive(Deserialize)]
+struct Params<'a> {
+    #[serde(borrow, default)]
+    name: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Reads the method and id of a POST body. Bodies that are not JSON-RPC give an empty
@@ -77,6 +87,11 @@ pub fn peek(body: &[u8]) -> Peek {
     }
     match serde_json::from_slice::<Message>(body) {
         Ok(m) => Peek {
+            tool: m
+                .params
+                .and_then(|p| p.name)
+                .filter(|_| m.method.as_deref() == Some("tools/call"))
+                .map(|n| n.into_owned()),
             method: m.method.map(|m| m.into_owned()),
             id: m.id,
             batch: false,
@@ -169,6 +184,92 @@ pub fn query_session_id(uri: &str) -> Option<String> {
 }
 
 /// A JSON-RPC error response body; `id` is `null` when unknown.
+/// The top-level shape of a JSON-RPC message, every value skipped.
+#[derive(Deserialize)]
+struct Shape {
+    #[serde(default)]
+    method: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    result: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    error: Option<serde::de::IgnoredAny>,
+}
+
+/// Whether `json` is a JSON-RPC response (a result or an error, not a request or
+/// notification): the end of a POST's answer.
+pub fn is_response(json: &[u8]) -> bool {
+    serde_json::from_slice::<Shape>(json)
+        .is_ok_and(|m| m.method.is_none() && (m.result.is_some() || m.error.is_some()))
+}
+
+/// The `data` of one SSE event (its `data:` lines joined by `\n`), if any.
+pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
+    let mut data: Option<Vec<u8>> = None;
+    for line in event.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if let Some(v) = line.strip_prefix(b"data:") {
+            let v = v.strip_prefix(b" ").unwrap_or(v);
+            match &mut data {
+                Some(d) => {
+                    d.push(b'\n');
+                    d.extend_from_slice(v);
+                }
+                None => data = Some(v.to_vec()),
+            }
+        }
+    }
+    data
+}
+
+/// The tools of a `tools/list` answer (a JSON body or SSE events) with whether their
+/// annotations say a call may be repeated: `readOnlyHint` or `idempotentHint` true.
+pub fn tool_hints(body: &[u8]) -> Vec<(String, bool)> {
+    #[derive(Deserialize)]
+    struct Answer {
+        result: Option<Listed>,
+    }
+    #[derive(Deserialize)]
+    struct Listed {
+        #[serde(default)]
+        tools: Vec<ToolEntry>,
+    }
+    #[derive(Deserialize)]
+    struct ToolEntry {
+        name: String,
+        #[serde(default)]
+        annotations: Option<Hints>,
+    }
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Hints {
+        #[serde(default)]
+        read_only_hint: Option<bool>,
+        #[serde(default)]
+        idempotent_hint: Option<bool>,
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let messages: Vec<Vec<u8>> = if first == Some(&b'{') {
+        vec![body.to_vec()]
+    } else {
+        let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+        text.split("\n\n")
+            .filter_map(|e| event_data(e.as_bytes()))
+            .collect()
+    };
+    messages
+        .iter()
+        .filter_map(|m| serde_json::from_slice::<Answer>(m).ok()?.result)
+        .flat_map(|l| l.tools)
+        .map(|t| {
+            let h = t.annotations;
+            let safe = h
+                .as_ref()
+                .is_some_and(|h| h.read_only_hint == Some(true) || h.idempotent_hint == Some(true));
+            (t.name, safe)
+        })
+        .collect()
+}
+
 pub fn error_body(id: Option<&Value>, code: i32, message: &str) -> Bytes {
     let body = serde_json::json!({
         "jsonrpc": "2.0",
@@ -181,6 +282,37 @@ pub fn error_body(id: Option<&Value>, code: i32, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn responses_tool_names_and_hints_are_read() {
+        assert!(is_response(br#"{"jsonrpc":"2.0","id":1,"result":{}}"#));
+        assert!(is_response(
+            br#"{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"x"}}"#
+        ));
+        assert!(!is_response(
+            br#"{"jsonrpc":"2.0","method":"notifications/message","params":{"result":1}}"#
+        ));
+        assert!(!is_response(
+            br#"{"jsonrpc":"2.0","id":"t-0","method":"elicitation/create"}"#
+        ));
+        assert!(!is_response(b"not json"));
+        let p = peek(br#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"echo","arguments":{}}}"#);
+        assert_eq!(p.tool.as_deref(), Some("echo"));
+        let p = peek(br#"{"jsonrpc":"2.0","id":3,"method":"prompts/get","params":{"name":"x"}}"#);
+        assert_eq!(p.tool, None, "only tools/call names a tool");
+        let listed = r#"{"jsonrpc":"2.0","id":2,"result":{"tools":[{"name":"echo","annotations":{"readOnlyHint":true}},{"name":"put","annotations":{"idempotentHint":true}},{"name":"counter"},{"name":"rm","annotations":{"readOnlyHint":false}}]}}"#;
+        let expect = vec![
+            ("echo".to_owned(), true),
+            ("put".to_owned(), true),
+            ("counter".to_owned(), false),
+            ("rm".to_owned(), false),
+        ];
+        assert_eq!(tool_hints(listed.as_bytes()), expect, "JSON body");
+        let sse =
+            format!("id: s/0-0\ndata: \n\nevent: message\r\nid: s/1-0\r\ndata: {listed}\r\n\r\n");
+        assert_eq!(tool_hints(sse.as_bytes()), expect, "SSE body");
+        assert_eq!(event_data(b"data: a\ndata: b\n"), Some(b"a\nb".to_vec()));
+    }
 
     #[test]
     fn session_ids_must_be_visible_ascii_and_bounded() {

@@ -6,6 +6,7 @@
 //! were on it, and two proxies with the same config agree. *Persistence* (the `persistence`
 //! and `cookie` policies, and legacy `endpoint` pins) remembers a session -> backend pin.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -174,7 +175,13 @@ pub struct Pool {
     pub auth: Option<Arc<crate::auth::Authenticator>>,
     /// Kept across reloads that leave `limits` unchanged, so a reload resets no count.
     pub limiter: Arc<crate::limits::Limiter>,
+    /// Tool -> whether its `tools/list` annotations say it may be repeated, learned from the
+    /// answers passing through (at most [`MAX_TOOLS`]); kept across reloads.
+    tools: Arc<Mutex<HashMap<String, bool>>>,
 }
+
+/// Tools remembered per pool.
+pub const MAX_TOOLS: usize = 10_000;
 
 /// What selection found.
 #[derive(Debug)]
@@ -241,6 +248,7 @@ impl Pool {
             .filter(|l| *l.limits() == config.limits)
             .cloned()
             .unwrap_or_else(|| Arc::new(crate::limits::Limiter::new(config.limits.clone())));
+        let tools = previous.map(|p| p.tools.clone()).unwrap_or_default();
         Self {
             config,
             checker,
@@ -250,7 +258,50 @@ impl Pool {
             next: AtomicUsize::new(0),
             auth,
             limiter,
+            tools,
         }
+    }
+
+    /// Remembers what a `tools/list` answer says of its tools.
+    pub fn learn_tools(&self, hints: Vec<(String, bool)>) {
+        let mut tools = self.tools.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, safe) in hints {
+            if tools.len() < MAX_TOOLS || tools.contains_key(&name) {
+                tools.insert(name, safe);
+            }
+        }
+    }
+
+    /// Whether a request that may have reached a backend can be sent again: a method in
+    /// `failover.safe_methods`, or a `tools/call` of a safe tool (`unsafe_tools` never;
+    /// `safe_tools`; with `trust_tool_annotations`, a tool announced read-only or
+    /// idempotent). Batches never.
+    pub fn repeatable(&self, peek: &crate::mcp::Peek) -> bool {
+        let f = &self.config.failover;
+        if peek.batch {
+            return false;
+        }
+        let Some(method) = peek.method.as_deref() else {
+            return false;
+        };
+        if f.safe_methods.contains(method) {
+            return true;
+        }
+        let Some(tool) = peek.tool.as_deref().filter(|_| method == "tools/call") else {
+            return false;
+        };
+        if f.unsafe_tools.contains(tool) {
+            return false;
+        }
+        f.safe_tools.contains(tool)
+            || (f.trust_tool_annotations
+                && self
+                    .tools
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(tool)
+                    .copied()
+                    .unwrap_or(false))
     }
 
     pub fn find(&self, name_or_address: &str) -> Option<usize> {

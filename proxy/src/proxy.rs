@@ -92,6 +92,12 @@ pub struct Ctx {
     pub(crate) rewrite_endpoint: bool,
     pub(crate) principal: Option<Principal>,
     pub(crate) ticket: Option<Ticket>,
+    /// A POST's SSE answer, forwarded whole event by whole event (`resume.rs`).
+    pub(crate) post: Option<crate::relay::EventCursor>,
+    /// The POST's JSON-RPC response has reached the client.
+    pub(crate) answered: bool,
+    /// A `tools/list` answer being read for its tool annotations.
+    pub(crate) tools_list: Option<BytesMut>,
 }
 
 impl McpProxy {
@@ -467,6 +473,9 @@ impl ProxyHttp for McpProxy {
             rewrite_endpoint: false,
             principal: None,
             ticket: None,
+            post: None,
+            answered: false,
+            tools_list: None,
         }
     }
 
@@ -888,13 +897,8 @@ impl ProxyHttp for McpProxy {
             }
         }
         // The request may have reached the backend: repeat it only when doing so is harmless.
-        let safe = matches!(ctx.kind, Kind::Stream | Kind::LegacyStream)
-            || (!ctx.peek.batch
-                && ctx
-                    .peek
-                    .method
-                    .as_deref()
-                    .is_some_and(|m| pool.config.failover.safe_methods.contains(m)));
+        let safe =
+            matches!(ctx.kind, Kind::Stream | Kind::LegacyStream) || pool.repeatable(&ctx.peek);
         // A pooled connection closed under us never delivered the request (pingora's
         // ReusedOnly): safe to send elsewhere for any method.
         let retry = upstream_fault
@@ -934,6 +938,12 @@ impl ProxyHttp for McpProxy {
         let (Some(pool), Some(i)) = (ctx.pool.clone(), ctx.backend) else {
             return Ok(());
         };
+        if resp.status.is_success()
+            && pool.config.failover.trust_tool_annotations
+            && ctx.peek.method.as_deref() == Some("tools/list")
+        {
+            ctx.tools_list = Some(BytesMut::new());
+        }
         let b = &pool.backends[i];
         let r = &pool.config.routing;
         let name = pool.config.name.as_str();
@@ -948,6 +958,9 @@ impl ProxyHttp for McpProxy {
                 .sse_streams
                 .with_label_values(&[name])
                 .inc();
+            if ctx.kind == Kind::Post {
+                ctx.post = Some(crate::relay::EventCursor::default());
+            }
             if ctx.kind == Kind::LegacyStream {
                 ctx.scan = Some(Vec::new());
             }
@@ -1004,7 +1017,7 @@ impl ProxyHttp for McpProxy {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
         if ctx.rewrite_endpoint
@@ -1013,6 +1026,21 @@ impl ProxyHttp for McpProxy {
         {
             *chunk = rewritten;
             ctx.rewrite_endpoint = false;
+        }
+        if let Some(list) = ctx.tools_list.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                list.extend_from_slice(chunk);
+            }
+            if list.len() > crate::resume::MAX_TOOLS_LIST_BYTES {
+                ctx.tools_list = None;
+            } else if end_of_stream
+                && let (Some(list), Some(pool)) = (ctx.tools_list.take(), &ctx.pool)
+            {
+                pool.learn_tools(mcp::tool_hints(&list));
+            }
+        }
+        if let Some(cursor) = ctx.post.as_mut() {
+            crate::resume::whole_events(cursor, body, end_of_stream, &mut ctx.answered);
         }
         if let (Some(buf), Some(chunk)) = (ctx.scan.as_mut(), body.as_ref()) {
             buf.extend_from_slice(chunk);
@@ -1062,6 +1090,14 @@ impl ProxyHttp for McpProxy {
                 },
             },
         };
+        if ctx.response_started && ctx.post.is_some() && !ctx.answered {
+            // The backend died in the middle of a POST's SSE answer: finish it cleanly.
+            self.finish_cut_post(session, ctx).await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         if status > 0 && !ctx.response_started {
             let extra: Vec<(&'static str, String)> = retry_after
                 .map(|s| ("retry-after", s.to_string()))

@@ -97,6 +97,34 @@ impl EventCursor {
     pub fn discard_partial(&mut self) {
         self.buf.clear();
     }
+
+    /// Whatever is held, as it is (the end of a body, or a stream that is not SSE after all).
+    pub fn take_all(&mut self) -> Bytes {
+        self.buf.split().freeze()
+    }
+}
+
+/// The events of `bytes` (whole events, as [`EventCursor::feed`] returns them), each without
+/// its blank line.
+pub fn split_events(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let lf = rest.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+        let crlf = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .map(|i| (i, 4));
+        let (at, len) = match (lf, crlf) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or((rest.len(), 0)),
+        };
+        let event = &rest[..at];
+        rest = &rest[(at + len).min(rest.len())..];
+        Some(event)
+    })
 }
 
 /// The end (exclusive) of the last whole event in `buf`: after its `\n\n` or `\r\n\r\n`.
@@ -150,7 +178,7 @@ enum Ended {
 impl McpProxy {
     /// The headers of an upstream stream request: the client's, without hop-by-hop ones and
     /// forged identity, with the principal signed now and `Last-Event-ID` from `cursor`.
-    fn relay_headers(
+    pub(crate) fn relay_headers(
         &self,
         session: &Session,
         ctx: &Ctx,

@@ -333,3 +333,144 @@ async fn a_rolling_restart_under_load_is_invisible() {
         got.len()
     );
 }
+
+/// What one `tools/call` through the proxy came to.
+enum Outcome {
+    Value(Value),
+    /// A well-formed JSON-RPC error (the call may or may not have run).
+    RpcError(Value),
+    /// No well-formed answer: a truncated body or a reset.
+    Broken(String),
+}
+
+async fn call_tool(c: &McpClient, url: &str, id: i64, name: &str, args: Value) -> Outcome {
+    let params = json!({"name": name, "arguments": args});
+    match c.call(url, id, "tools/call", params).await {
+        Err(e) => Outcome::Broken(format!("{e:#}")),
+        Ok(reply) => match reply.response(id) {
+            Some(m) if m.get("result").is_some() => Outcome::Value(m["result"].clone()),
+            Some(m) if m.get("error").is_some() => Outcome::RpcError(m["error"].clone()),
+            other => Outcome::Broken(format!(
+                "status {} without a response: {other:?}",
+                reply.status
+            )),
+        },
+    }
+}
+
+/// Twenty sessions call a counter (not repeatable) and echo (read-only) through the proxy
+/// while one of three backends is SIGKILLed every two seconds and started again: no session
+/// is lost, no counter call runs twice, every echo succeeds, and every call that fails is a
+/// well-formed JSON-RPC error, never a truncated answer.
+#[tokio::test]
+async fn killing_backends_under_load_loses_nothing_and_repeats_nothing() {
+    let redis = Redis::start(false).await.expect("redis");
+    let mut backends = Vec::new();
+    for name in ["a", "b", "c"] {
+        backends.push(
+            Backend::start(name, Some(&redis.url()), &[])
+                .await
+                .expect("backend"),
+        );
+    }
+    let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
+    let proxy = Proxy::start(
+        &addrs,
+        "shared_sessions: true\nfailover: {trust_tool_annotations: true}",
+    )
+    .await
+    .expect("proxy");
+    let url = proxy.mcp();
+    // The proxy learns the tools' annotations from a tools/list passing through.
+    let mut c = McpClient::new();
+    c.initialize(&url, json!({})).await.expect("initialize");
+    assert_eq!(
+        c.call(&url, 2, "tools/list", json!({}))
+            .await
+            .map(|r| r.status)
+            .ok(),
+        Some(200)
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for w in 0..20 {
+        let (url, stop) = (url.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = McpClient::new();
+            c.initialize(&url, json!({})).await.expect("initialize");
+            let mut counts = [0u64; 5]; // counter ok, counter unsure, echo ok, echo failed, broken
+            let mut problems = Vec::new();
+            let (mut last, mut unsure) = (0i64, 0i64);
+            let mut id = 10;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                match call_tool(&c, &url, id, "counter", json!({"action": "increment"})).await {
+                    Outcome::Value(r) => {
+                        let v = r["structuredContent"]["value"].as_i64().unwrap_or(-1);
+                        if v <= last || v > last + 1 + unsure {
+                            problems.push(format!(
+                                "worker {w}: counter {last} -> {v} with {unsure} unsure calls"
+                            ));
+                        }
+                        (last, unsure) = (v, 0);
+                        counts[0] += 1;
+                    }
+                    Outcome::RpcError(e) => {
+                        if e["code"] == -32001 {
+                            problems.push(format!("worker {w}: session lost: {e}"));
+                        }
+                        unsure += 1;
+                        counts[1] += 1;
+                    }
+                    Outcome::Broken(e) => {
+                        problems.push(format!("worker {w}: counter answer broken: {e}"));
+                        counts[4] += 1;
+                    }
+                }
+                id += 1;
+                match call_tool(&c, &url, id, "echo", json!({"message": format!("m{id}")})).await {
+                    Outcome::Value(r) if r["content"][0]["text"] == format!("m{id}") => {
+                        counts[2] += 1
+                    }
+                    Outcome::Value(r) => problems.push(format!("worker {w}: wrong echo {r}")),
+                    Outcome::RpcError(e) => {
+                        problems.push(format!("worker {w}: read-only call failed: {e}"));
+                        counts[3] += 1;
+                    }
+                    Outcome::Broken(e) => {
+                        problems.push(format!("worker {w}: echo answer broken: {e}"));
+                        counts[4] += 1;
+                    }
+                }
+            }
+            (counts, problems)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    for round in 0..5 {
+        let b = &mut backends[round % 3];
+        b.kill().await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        b.start_again().await.expect("start again");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut totals = [0u64; 5];
+    let mut problems = Vec::new();
+    for w in workers {
+        let (counts, p) = w.await.expect("worker");
+        for (t, n) in totals.iter_mut().zip(counts) {
+            *t += n;
+        }
+        problems.extend(p);
+    }
+    eprintln!(
+        "5 SIGKILLs under load: counter {} ok, {} unsure (JSON-RPC error); echo {} ok, {} failed; {} broken answers",
+        totals[0], totals[1], totals[2], totals[3], totals[4]
+    );
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert!(
+        totals[0] > 100 && totals[2] > 100,
+        "the load ran: {totals:?}"
+    );
+}
