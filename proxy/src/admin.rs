@@ -98,6 +98,8 @@ impl AdminApp {
                 "healthy": b.healthy(),
                 "draining": b.draining(),
                 "drained": b.draining() && b.active.load(Ordering::Relaxed) == 0,
+                "ejected": b.outlier.ejected(crate::outlier::now_ms()),
+                "ejections": b.outlier.ejections_total(),
                 "requests": b.requests.load(Ordering::Relaxed),
                 "active": b.active.load(Ordering::Relaxed),
                 "failures": b.failures.load(Ordering::Relaxed),

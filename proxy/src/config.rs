@@ -312,6 +312,31 @@ pub struct PoolFile {
     pub auth: Option<AuthFile>,
     #[serde(default)]
     pub limits: PoolLimitsFile,
+    #[serde(default)]
+    pub outlier_detection: OutlierFile,
+}
+
+/// A pool's `outlier_detection` as written (see `outlier.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierFile {
+    pub consecutive_errors: u32,
+    pub base_ejection_ms: u64,
+    pub max_ejection_ms: u64,
+    pub max_ejected_percent: u32,
+    pub slow_start_ms: u64,
+}
+
+impl Default for OutlierFile {
+    fn default() -> Self {
+        Self {
+            consecutive_errors: 5,
+            base_ejection_ms: 10_000,
+            max_ejection_ms: 300_000,
+            max_ejected_percent: 50,
+            slow_start_ms: 10_000,
+        }
+    }
 }
 
 fn mcp_path() -> String {
@@ -520,6 +545,7 @@ pub struct PoolConfig {
     pub timeouts: Timeouts,
     pub auth: Option<std::sync::Arc<AuthConfig>>,
     pub limits: PoolLimits,
+    pub outlier: crate::outlier::OutlierConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -689,6 +715,7 @@ impl Config {
                 timeouts: TimeoutsFile::default(),
                 auth: None,
                 limits: PoolLimitsFile::default(),
+                outlier_detection: OutlierFile::default(),
             }],
         };
         file.validate().map_err(|e| match e {
@@ -1186,6 +1213,53 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         backend_max_in_flight: l.backend_max_in_flight,
         auth_failures_per_second: l.auth_failures_per_second,
     };
+    let o = p.outlier_detection;
+    let okey = format!("{key}.outlier_detection");
+    if o.consecutive_errors > 1000 {
+        return Err(invalid(
+            format!("{okey}.consecutive_errors"),
+            o.consecutive_errors,
+            "must be at most 1000 (0 turns outlier detection off)",
+        ));
+    }
+    if o.max_ejected_percent > 100 {
+        return Err(invalid(
+            format!("{okey}.max_ejected_percent"),
+            o.max_ejected_percent,
+            "must be between 0 and 100",
+        ));
+    }
+    let base_ejection = millis(
+        &format!("{okey}.base_ejection_ms"),
+        o.base_ejection_ms,
+        1,
+        86_400_000,
+    )?;
+    let max_ejection = millis(
+        &format!("{okey}.max_ejection_ms"),
+        o.max_ejection_ms,
+        1,
+        86_400_000,
+    )?;
+    if max_ejection < base_ejection {
+        return Err(invalid(
+            format!("{okey}.max_ejection_ms"),
+            o.max_ejection_ms,
+            "must be at least base_ejection_ms",
+        ));
+    }
+    let outlier = crate::outlier::OutlierConfig {
+        consecutive_errors: o.consecutive_errors,
+        base_ejection,
+        max_ejection,
+        max_ejected_percent: o.max_ejected_percent,
+        slow_start: millis(
+            &format!("{okey}.slow_start_ms"),
+            o.slow_start_ms,
+            0,
+            3_600_000,
+        )?,
+    };
 
     Ok(PoolConfig {
         name: p.name,
@@ -1219,6 +1293,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         timeouts,
         auth,
         limits,
+        outlier,
     })
 }
 

@@ -13,6 +13,7 @@
 //! - [`respond`]: the answers the proxy writes itself.
 //! - [`pool`]: backends' live state (health, drain, counters) and selection per policy.
 //! - [`pins`]: session -> backend pins, bounded (least recently used out first).
+//! - [`outlier`]: ejection of backends failing live traffic, the panic threshold, slow start.
 //! - [`proxy`]: the request path, pingora's `ProxyHttp` filters (see `proxy/README.md`).
 //! - [`relay`]: GET streams the proxy keeps open across backends (`shared_sessions` pools).
 //! - [`resume`]: POST answers cut short by a dying backend: resumed, repeated, or ended with
@@ -30,6 +31,7 @@ pub mod health;
 pub mod limits;
 pub mod mcp;
 pub mod metrics;
+pub mod outlier;
 pub mod pins;
 pub mod pool;
 pub mod proxy;

@@ -37,6 +37,8 @@ pub struct BackendState {
     /// When the next active check is due (`None`: at once).
     next_check: Mutex<Option<Instant>>,
     last_error: Mutex<Option<String>>,
+    /// Outlier detection on live traffic (`outlier.rs`).
+    pub outlier: crate::outlier::Outlier,
 }
 
 /// Consecutive results of one kind, for rise/fall thresholds.
@@ -75,6 +77,7 @@ impl BackendState {
             checking: AtomicBool::new(false),
             next_check: Mutex::new(None),
             last_error: Mutex::new(None),
+            outlier: crate::outlier::Outlier::default(),
         }
     }
 
@@ -141,6 +144,7 @@ impl BackendState {
         let healthy = self.healthy();
         if ok && !healthy && streak.count >= rise {
             self.healthy.store(true, Ordering::Relaxed);
+            self.outlier.came_back(crate::outlier::now_ms());
             return Some(Transition::Up);
         }
         if !ok && healthy && streak.count >= fall {
@@ -319,7 +323,41 @@ impl Pool {
     /// Whether backend `i` can take a new request: available and not full. Selection sheds
     /// load this way: a full backend is skipped like a down one.
     pub fn can_take(&self, i: usize) -> bool {
-        self.backends[i].available() && !self.full(i)
+        let b = &self.backends[i];
+        b.available() && !self.full(i) && !b.outlier.ejected(crate::outlier::now_ms())
+    }
+
+    /// Records how a request on backend `i` went (a 5xx or a gateway failure is not ok) and
+    /// ejects the backend when its errors in a row reach the threshold, unless that would
+    /// eject more than `max_ejected_percent` of the pool. Returns the ejection's length.
+    pub fn outcome(&self, i: usize, ok: bool) -> Option<Duration> {
+        let o = &self.config.outlier;
+        let b = &self.backends[i];
+        if ok {
+            b.outlier.success();
+            return None;
+        }
+        if !b.outlier.error(o.consecutive_errors) {
+            return None;
+        }
+        let now = crate::outlier::now_ms();
+        // Backends already out of rotation (ejected, or down by the health checks) count
+        // against the share: ejecting one more must not leave the pool with too few.
+        let ejected = self
+            .backends
+            .iter()
+            .filter(|x| x.outlier.ejected(now) || !x.healthy())
+            .count();
+        if (ejected + 1) * 100 > o.max_ejected_percent as usize * self.backends.len() {
+            tracing::warn!(pool = %self.config.name, backend = %b.name, ejected,
+                "outlier not ejected: max_ejected_percent reached (panic threshold)");
+            b.outlier.success();
+            return None;
+        }
+        let length = b.outlier.eject(now, o);
+        tracing::warn!(pool = %self.config.name, backend = %b.name,
+            seconds = length.as_secs_f64(), "backend ejected: errors in a row on live traffic");
+        Some(length)
     }
 
     /// The next backend that can take a request, in weighted turn, skipping `exclude`.
@@ -327,13 +365,20 @@ impl Pool {
         // Each skipped slot is consumed too, so an unavailable backend's share spreads over
         // the others instead of all falling to its successor.
         let n = self.order.len();
+        let now = crate::outlier::now_ms();
+        let slow_start = self.config.outlier.slow_start;
+        let mut ramping = None;
         for _ in 0..n {
             let i = self.order[self.next.fetch_add(1, Ordering::Relaxed) % n];
             if self.can_take(i) && !exclude.contains(&i) {
-                return Pick::Backend(i);
+                if self.backends[i].outlier.admits(now, slow_start) {
+                    return Pick::Backend(i);
+                }
+                ramping.get_or_insert(i);
             }
         }
-        Pick::NoneAvailable
+        // Only backends in slow start are left: better one of them than none.
+        ramping.map_or(Pick::NoneAvailable, Pick::Backend)
     }
 
     /// Weighted rendezvous hashing of `key` over the backends that can take a request,

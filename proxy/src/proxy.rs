@@ -212,6 +212,17 @@ impl McpProxy {
         ctx.counted = false;
     }
 
+    /// Feeds outlier detection; an ejection is counted like a health transition.
+    fn outcome(&self, pool: &Pool, i: usize, ok: bool) {
+        if pool.outcome(i, ok).is_some() {
+            self.shared
+                .metrics
+                .health_transitions
+                .with_label_values(&[&pool.config.name, &pool.backends[i].name, "ejected"])
+                .inc();
+        }
+    }
+
     /// Answers a request that could not be routed (`ctx.failure`) as `fail_to_proxy` would.
     pub(crate) async fn answer_failure(
         &self,
@@ -880,6 +891,12 @@ impl ProxyHttp for McpProxy {
         let upstream_fault = *e.esource() == ErrorSource::Upstream;
         if upstream_fault
             && !stale_connection
+            && let Some(i) = ctx.backend
+        {
+            self.outcome(&pool, i, false);
+        }
+        if upstream_fault
+            && !stale_connection
             && !ctx.response_started
             && let Some(i) = ctx.backend
         {
@@ -938,6 +955,7 @@ impl ProxyHttp for McpProxy {
         let (Some(pool), Some(i)) = (ctx.pool.clone(), ctx.backend) else {
             return Ok(());
         };
+        self.outcome(&pool, i, resp.status.as_u16() < 500);
         if resp.status.is_success()
             && pool.config.failover.trust_tool_annotations
             && ctx.peek.method.as_deref() == Some("tools/list")

@@ -95,3 +95,53 @@ impl Capture {
         self.seen.open_streams.load(Ordering::SeqCst)
     }
 }
+
+/// An upstream whose health check passes and that answers every other request with 500 and a
+/// JSON-RPC error: a broken server that its `/health` does not give away.
+pub struct Failing {
+    pub port: u16,
+    pub calls: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Failing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Failing {
+    pub async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        let app = axum::Router::new().fallback(move |req: Request| {
+            let c = c.clone();
+            async move {
+                if req.uri().path() == "/health" {
+                    return Response::builder()
+                        .header("content-type", "application/json")
+                        .body(Body::from(r#"{"status":"healthy"}"#))
+                        .unwrap_or_default();
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+                Response::builder()
+                    .status(500)
+                    .header("content-type", "application/json")
+                    .body(Body::from(
+                        r#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"broken"}}"#,
+                    ))
+                    .unwrap_or_default()
+            }
+        });
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self { port, calls, task })
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}

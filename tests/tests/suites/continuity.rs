@@ -474,3 +474,83 @@ async fn killing_backends_under_load_loses_nothing_and_repeats_nothing() {
         "the load ran: {totals:?}"
     );
 }
+
+/// A backend answering 500 to every call while its health check passes is ejected after
+/// three errors in a row and gets traffic again after its interval; with two of three
+/// failing, max_ejected_percent keeps the pool serving.
+#[tokio::test]
+async fn outliers_are_ejected_and_the_panic_threshold_keeps_the_pool_serving() {
+    use tests::capture::Failing;
+    let redis = Redis::start(false).await.expect("redis");
+    let good = Backend::start("good", Some(&redis.url()), &[])
+        .await
+        .expect("backend");
+    let bad = Failing::start().await.expect("failing upstream");
+    let outlier = "outlier_detection: {consecutive_errors: 3, base_ejection_ms: 1500, max_ejection_ms: 6000, max_ejected_percent: 50, slow_start_ms: 0}";
+    let proxy = Proxy::start(&[good.address(), bad.address()], outlier)
+        .await
+        .expect("proxy");
+    let url = proxy.mcp();
+    let ping = |id: i64| json!({"jsonrpc": "2.0", "id": id, "method": "ping"});
+    let mut c = McpClient::new();
+    // The session is opened on the good backend itself (the failing one would break the
+    // handshake); the pings then go through the proxy.
+    c.initialize(&good.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    // Round-robin: the failing backend gets every other request until ejected.
+    let mut statuses = Vec::new();
+    for id in 0..12 {
+        statuses.push(c.post(&url, &ping(id)).await.map(|r| r.status).unwrap_or(0));
+    }
+    let bad_state = proxy.backend(&bad.address()).await.expect("admin");
+    assert_eq!(bad_state["ejected"], true, "{bad_state} after {statuses:?}");
+    assert_eq!(bad_state["healthy"], true, "its health check still passes");
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses[6..].iter().all(|s| *s == 200),
+        "ejected: {statuses:?}"
+    );
+    // After the interval it gets traffic again (and is ejected again, for twice as long).
+    let calls = bad.calls.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    for id in 100..104 {
+        let _ = c.post(&url, &ping(id)).await;
+    }
+    assert!(
+        bad.calls.load(Ordering::SeqCst) > calls,
+        "back after its interval"
+    );
+
+    // Two of three failing: at most half may be ejected, so one failing backend stays in.
+    let bad2 = Failing::start().await.expect("failing upstream");
+    proxy
+        .write_config(&[good.address(), bad.address(), bad2.address()], outlier)
+        .expect("config");
+    assert_eq!(
+        proxy.admin_post("/admin/reload").await.map(|r| r.0).ok(),
+        Some(200)
+    );
+    let mut statuses = Vec::new();
+    for id in 200..230 {
+        statuses.push(c.post(&url, &ping(id)).await.map(|r| r.status).unwrap_or(0));
+    }
+    let all = proxy.admin("/admin/backends").await.expect("admin");
+    let ejected = all["pools"][0]["backends"]
+        .as_array()
+        .map(|bs| bs.iter().filter(|b| b["ejected"] == true).count())
+        .unwrap_or(9);
+    assert!(ejected <= 1, "never more than half of the pool: {all}");
+    assert!(
+        !statuses.contains(&503),
+        "the pool keeps serving: {statuses:?}"
+    );
+    assert!(
+        statuses.iter().filter(|s| **s == 200).count() >= 10,
+        "{statuses:?}"
+    );
+}
