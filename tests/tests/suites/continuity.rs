@@ -554,3 +554,91 @@ async fn outliers_are_ejected_and_the_panic_threshold_keeps_the_pool_serving() {
         "{statuses:?}"
     );
 }
+
+/// Restarts `b` gracefully (SIGTERM, then start) after `delay`, and waits until the proxy
+/// sees it healthy again.
+async fn restart_later(b: &mut Backend, proxy: &Proxy, delay: Duration) {
+    tokio::time::sleep(delay).await;
+    b.terminate(Duration::from_secs(15))
+        .await
+        .expect("graceful exit");
+    b.start_again().await.expect("start again");
+    let deadline = Instant::now() + WAIT;
+    while !proxy
+        .backend(&b.address())
+        .await
+        .is_ok_and(|v| v["healthy"] == true)
+    {
+        assert!(Instant::now() < deadline, "{} back in the pool", b.node_id);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The official conformance suite and the Python SDK through the proxy give the same results
+/// while backends are restarted in the middle of their runs.
+#[tokio::test]
+async fn conformance_and_the_python_sdk_pass_while_backends_restart() {
+    let redis = Redis::start(false).await.expect("redis");
+    let dir = tests::TempDir::new("backend-conf");
+    let conf = dir.0.join("backend.yaml");
+    std::fs::write(
+        &conf,
+        "shutdown_drain_seconds: 1\nshutdown_grace_seconds: 10\n",
+    )
+    .expect("write config");
+    let conf = conf.to_str().unwrap_or_default().to_owned();
+    let mut b = Vec::new();
+    for name in ["a", "b", "c"] {
+        b.push(
+            Backend::start(name, Some(&redis.url()), &["--conformance", "-c", &conf])
+                .await
+                .expect("backend"),
+        );
+    }
+    let addrs: Vec<String> = b.iter().map(Backend::address).collect();
+    let proxy = Proxy::start(
+        &addrs,
+        "shared_sessions: true\nfailover: {trust_tool_annotations: true}",
+    )
+    .await
+    .expect("proxy");
+    let direct = super::conformance(&b[0].mcp(), "2025-11-25").await;
+    let url = proxy.mcp();
+    let started = Instant::now();
+    let ((proxied, took), restarted) = tokio::join!(
+        async {
+            let total = super::conformance(&url, "2025-11-25").await;
+            (total, started.elapsed())
+        },
+        async {
+            restart_later(&mut b[1], &proxy, Duration::from_millis(300)).await;
+            let first = started.elapsed();
+            restart_later(&mut b[2], &proxy, Duration::from_millis(100)).await;
+            first
+        }
+    );
+    eprintln!("conformance took {took:?}; the first restart was done at {restarted:?}");
+    assert!(took > restarted, "a backend restarted during the run");
+    assert_eq!(
+        proxied, direct,
+        "the same totals while two backends restarted"
+    );
+    let base = proxy.base();
+    let args = [base.as_str(), "legacy"];
+    let started = Instant::now();
+    let ((out, took), ()) = tokio::join!(
+        async { (super::python(&args).await, started.elapsed()) },
+        async {
+            restart_later(&mut b[0], &proxy, Duration::from_millis(300)).await;
+        }
+    );
+    eprintln!("python SDK took {took:?}; SIGTERM at 300 ms");
+    assert!(
+        took > Duration::from_millis(300),
+        "the SIGTERM came during the run"
+    );
+    assert!(
+        out.contains("OK"),
+        "python SDK while a backend restarted: {out}"
+    );
+}
