@@ -6,6 +6,9 @@
 //! - `GET /admin/sessions/{id}` — which backend a session id maps to, per pool, and why
 //! - `POST /admin/backends/{name}/drain` and `/undrain` (`?pool=` to pick one pool) — a draining
 //!   backend gets no new sessions or requests; its open streams finish
+//! - `POST /admin/backends` (`{"pool": .., "address": "ip:port", "name": .., "weight": ..}`)
+//!   and `DELETE /admin/backends/{name}` (`?pool=`) — add or remove a backend at run time
+//!   (kept across reloads, lost on restart); a removed backend is drained
 //! - `POST /admin/reload` — re-read the config file, as SIGHUP does
 //!
 //! With `admin.token` set, every path but `/health` and `/metrics` needs
@@ -148,6 +151,110 @@ impl AdminApp {
         json!({"session": id, "pools": pools})
     }
 
+    /// Re-reads the config file; reading it and resolving host names block, so this runs
+    /// off the async threads.
+    async fn reload(&self) -> Result<Vec<String>, crate::state::ReloadError> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.reload())
+            .await
+            .unwrap_or(Err(crate::state::ReloadError::NoFile))
+    }
+
+    /// `POST /admin/backends`: adds a backend to a pool at run time.
+    fn add_backend(&self, body: &[u8]) -> Response<Vec<u8>> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Add {
+            pool: Option<String>,
+            address: String,
+            name: Option<String>,
+            weight: Option<usize>,
+        }
+        let add: Add = match serde_json::from_slice(body) {
+            Ok(a) => a,
+            Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid body: {e}")),
+        };
+        let snapshot = self.shared.snapshot();
+        let pool = match add.pool.as_deref() {
+            Some(name) => snapshot.pool(name),
+            None if snapshot.pools.len() == 1 => snapshot.pools.first(),
+            None => return error(StatusCode::BAD_REQUEST, "name the pool (\"pool\")"),
+        };
+        let Some(pool) = pool else {
+            return error(StatusCode::NOT_FOUND, "no such pool");
+        };
+        // An IP address only: resolving a name here would block; use `discover` for names.
+        let Ok(address) = add.address.parse::<std::net::SocketAddr>() else {
+            return error(StatusCode::BAD_REQUEST, "address must be ip:port");
+        };
+        let weight = add.weight.unwrap_or(1);
+        if !(1..=1000).contains(&weight) {
+            return error(StatusCode::BAD_REQUEST, "weight must be between 1 and 1000");
+        }
+        let name = add.name.unwrap_or_else(|| address.to_string());
+        if name.is_empty()
+            || name.len() > 128
+            || !name
+                .bytes()
+                .all(|c| c.is_ascii_graphic() && !b"\",;\\".contains(&c))
+        {
+            return error(StatusCode::BAD_REQUEST, "invalid backend name");
+        }
+        if pool
+            .backends
+            .iter()
+            .any(|b| b.name == name || b.address == address)
+        {
+            return error(
+                StatusCode::CONFLICT,
+                "a backend with this name or address exists",
+            );
+        }
+        let pool_name = pool.config.name.clone();
+        self.shared.dynamic(|d| {
+            d.add(
+                &pool_name,
+                crate::config::BackendConfig {
+                    name: name.clone(),
+                    address,
+                    weight,
+                },
+            );
+        });
+        self.shared.rebuild();
+        tracing::info!(pool = %pool_name, backend = %name, %address, "backend added by admin");
+        json_reply(
+            StatusCode::OK,
+            json!({"pool": pool_name, "backend": name, "address": address.to_string(), "added": true}),
+        )
+    }
+
+    /// `DELETE /admin/backends/{name}`: removes a backend at run time (it is drained).
+    fn remove_backend(&self, name: &str, pool: Option<&str>) -> Response<Vec<u8>> {
+        let snapshot = self.shared.snapshot();
+        let mut removed = Vec::new();
+        for p in &snapshot.pools {
+            if pool.is_some_and(|x| x != p.config.name) {
+                continue;
+            }
+            if let Some(i) = p.find(name) {
+                let backend = p.backends[i].name.clone();
+                let pool_name = p.config.name.clone();
+                self.shared.dynamic(|d| d.remove(&pool_name, &backend));
+                removed.push(json!({"pool": pool_name, "backend": backend}));
+            }
+        }
+        if removed.is_empty() {
+            return error(StatusCode::NOT_FOUND, &format!("no backend named {name:?}"));
+        }
+        self.shared.rebuild();
+        tracing::info!(backend = %name, "backend removed by admin; draining");
+        json_reply(
+            StatusCode::OK,
+            json!({"removed": removed, "draining": true}),
+        )
+    }
+
     fn drain(&self, name: &str, pool: Option<&str>, on: bool) -> Response<Vec<u8>> {
         let snapshot = self.shared.snapshot();
         let mut changed = Vec::new();
@@ -200,6 +307,19 @@ fn loopback_host(req: &pingora::http::RequestHeader, port: u16) -> bool {
     ["localhost", "127.0.0.1", "[::1]"]
         .iter()
         .any(|name| h.as_bytes() == format!("{name}:{port}").as_bytes())
+}
+
+/// The request body, up to 16 KiB (more is cut: the API takes small JSON documents).
+async fn read_body(session: &mut ServerSession) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = session.read_request_body().await {
+        body.extend_from_slice(&chunk);
+        if body.len() > 16 * 1024 {
+            body.truncate(16 * 1024);
+            break;
+        }
+    }
+    body
 }
 
 /// Refuses what a browser page of another origin could send: an `Origin` that is not this
@@ -312,7 +432,14 @@ impl ServeHttp for AdminApp {
             (&Method::POST, ["admin", "backends", name, "undrain"]) => {
                 self.drain(name, pool.as_deref(), false)
             }
-            (&Method::POST, ["admin", "reload"]) => match self.shared.reload() {
+            (&Method::POST, ["admin", "backends"]) => {
+                let body = read_body(session).await;
+                self.add_backend(&body)
+            }
+            (&Method::DELETE, ["admin", "backends", name]) => {
+                self.remove_backend(name, pool.as_deref())
+            }
+            (&Method::POST, ["admin", "reload"]) => match self.reload().await {
                 Ok(warnings) => {
                     tracing::info!("configuration reloaded through the admin API");
                     json_reply(

@@ -314,6 +314,47 @@ pub struct PoolFile {
     pub limits: PoolLimitsFile,
     #[serde(default)]
     pub outlier_detection: OutlierFile,
+    #[serde(default)]
+    pub dns: DnsFile,
+}
+
+/// How a pool's `discover` entries are resolved.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsFile {
+    /// Name servers (`ip:port`); empty: the system's (`/etc/resolv.conf`).
+    pub servers: Vec<String>,
+    /// Bounds on the refresh interval, which otherwise follows the records' TTL.
+    pub min_refresh_ms: u64,
+    pub max_refresh_ms: u64,
+}
+
+impl Default for DnsFile {
+    fn default() -> Self {
+        Self {
+            servers: Vec::new(),
+            min_refresh_ms: 1_000,
+            max_refresh_ms: 30_000,
+        }
+    }
+}
+
+/// A `discover` entry: a name whose A/AAAA records are the backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiscoverConfig {
+    pub host: String,
+    pub port: u16,
+    /// Backend names are `<name>-<ip>`.
+    pub name: String,
+    pub weight: usize,
+}
+
+/// The validated `dns` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DnsConfig {
+    pub servers: Vec<SocketAddr>,
+    pub min_refresh: Duration,
+    pub max_refresh: Duration,
 }
 
 /// A pool's `outlier_detection` as written (see `outlier.rs`).
@@ -350,7 +391,13 @@ fn serve_legacy() -> bool {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFile {
-    pub address: String,
+    /// `ip:port` (or `host:port`, resolved once at load).
+    #[serde(default)]
+    pub address: Option<String>,
+    /// `host:port` resolved periodically: every A/AAAA record is a backend (a Kubernetes
+    /// headless service, say). Instead of `address`.
+    #[serde(default)]
+    pub discover: Option<String>,
     #[serde(default)]
     pub name: Option<String>,
     #[serde(default = "one")]
@@ -546,6 +593,9 @@ pub struct PoolConfig {
     pub auth: Option<std::sync::Arc<AuthConfig>>,
     pub limits: PoolLimits,
     pub outlier: crate::outlier::OutlierConfig,
+    /// Entries resolved periodically into backends (`discovery.rs`).
+    pub discover: Vec<DiscoverConfig>,
+    pub dns: DnsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -701,7 +751,8 @@ impl Config {
                 backends: backends
                     .iter()
                     .map(|a| BackendFile {
-                        address: a.clone(),
+                        address: Some(a.clone()),
+                        discover: None,
                         name: None,
                         weight: 1,
                     })
@@ -716,6 +767,7 @@ impl Config {
                 auth: None,
                 limits: PoolLimitsFile::default(),
                 outlier_detection: OutlierFile::default(),
+                dns: DnsFile::default(),
             }],
         };
         file.validate().map_err(|e| match e {
@@ -1012,10 +1064,10 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         ));
     }
     let mut backends = Vec::new();
+    let mut discover = Vec::new();
     let mut seen = HashSet::new();
     for (i, b) in p.backends.into_iter().enumerate() {
         let bkey = format!("{key}.backends[{i}]");
-        let address = socket_addr(&format!("{bkey}.address"), &b.address)?;
         if !(1..=1000).contains(&b.weight) {
             return Err(invalid(
                 format!("{bkey}.weight"),
@@ -1023,6 +1075,43 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
                 "must be between 1 and 1000",
             ));
         }
+        let address = match (&b.address, &b.discover) {
+            (Some(a), None) => socket_addr(&format!("{bkey}.address"), a)?,
+            (None, Some(d)) => {
+                let (host, port) = d
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| Some((h, p.parse::<u16>().ok().filter(|p| *p > 0)?)))
+                    .filter(|(h, _)| {
+                        !h.is_empty()
+                            && h.len() <= 253
+                            && h.bytes()
+                                .all(|c| c.is_ascii_alphanumeric() || b"-._".contains(&c))
+                    })
+                    .ok_or_else(|| invalid(format!("{bkey}.discover"), d, "expected host:port"))?;
+                let name = b.name.clone().unwrap_or_else(|| host.to_owned());
+                if !seen.insert(format!("discover:{name}")) {
+                    return Err(invalid(
+                        format!("{bkey}.name"),
+                        &name,
+                        "discover entries need distinct names",
+                    ));
+                }
+                discover.push(DiscoverConfig {
+                    host: host.to_owned(),
+                    port,
+                    name,
+                    weight: b.weight,
+                });
+                continue;
+            }
+            _ => {
+                return Err(invalid(
+                    bkey,
+                    "address, discover",
+                    "set exactly one of address or discover",
+                ));
+            }
+        };
         let name = b.name.unwrap_or_else(|| address.to_string());
         if name.is_empty()
             || !name
@@ -1038,7 +1127,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         if !seen.insert(format!("addr:{address}")) {
             return Err(invalid(
                 format!("{bkey}.address"),
-                &b.address,
+                b.address.as_deref().unwrap_or_default(),
                 "backend addresses must be unique within a pool",
             ));
         }
@@ -1248,6 +1337,38 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
             "must be at least base_ejection_ms",
         ));
     }
+    let dkey = format!("{key}.dns");
+    let mut servers = Vec::new();
+    for (i, srv) in p.dns.servers.iter().enumerate() {
+        servers.push(
+            srv.parse::<SocketAddr>()
+                .map_err(|_| invalid(format!("{dkey}.servers[{i}]"), srv, "expected ip:port"))?,
+        );
+    }
+    let min_refresh = millis(
+        &format!("{dkey}.min_refresh_ms"),
+        p.dns.min_refresh_ms,
+        100,
+        3_600_000,
+    )?;
+    let max_refresh = millis(
+        &format!("{dkey}.max_refresh_ms"),
+        p.dns.max_refresh_ms,
+        100,
+        86_400_000,
+    )?;
+    if max_refresh < min_refresh {
+        return Err(invalid(
+            format!("{dkey}.max_refresh_ms"),
+            p.dns.max_refresh_ms,
+            "must be at least min_refresh_ms",
+        ));
+    }
+    let dns = DnsConfig {
+        servers,
+        min_refresh,
+        max_refresh,
+    };
     let outlier = crate::outlier::OutlierConfig {
         consecutive_errors: o.consecutive_errors,
         base_ejection,
@@ -1294,6 +1415,8 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         auth,
         limits,
         outlier,
+        discover,
+        dns,
     })
 }
 
@@ -1456,6 +1579,29 @@ mod tests {
                 format!("{MINIMAL}limits: {{max_session_pins: 0}}\n"),
                 "limits.max_session_pins",
                 "\"0\"",
+            ),
+            (
+                MINIMAL.replace("{address: 127.0.0.1:3001}", "{discover: \"no port\"}"),
+                "pools[0].backends[0].discover",
+                "no port",
+            ),
+            (
+                MINIMAL.replace(
+                    "{address: 127.0.0.1:3001}",
+                    "{address: 127.0.0.1:3001, discover: \"a:1\"}",
+                ),
+                "pools[0].backends[0]",
+                "address, discover",
+            ),
+            (
+                pool("dns: {servers: [nowhere]}"),
+                "pools[0].dns.servers[0]",
+                "nowhere",
+            ),
+            (
+                pool("outlier_detection: {max_ejected_percent: 101}"),
+                "pools[0].outlier_detection.max_ejected_percent",
+                "101",
             ),
             (
                 pool("routing: {post: random}"),

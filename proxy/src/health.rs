@@ -52,7 +52,12 @@ impl BackgroundService for HealthChecker {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 Some(()) = async { match hangup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    match self.shared.reload() {
+                    // File reading and host-name resolution block: off the async threads.
+                    let shared = self.shared.clone();
+                    let reloaded = tokio::task::spawn_blocking(move || shared.reload())
+                        .await
+                        .unwrap_or(Err(crate::state::ReloadError::NoFile));
+                    match reloaded {
                         Ok(warnings) => {
                             tracing::info!("configuration reloaded on SIGHUP");
                             for w in warnings { tracing::warn!("{w}"); }

@@ -19,6 +19,7 @@
 //! - [`resume`]: POST answers cut short by a dying backend: resumed, repeated, or ended with
 //!   a JSON-RPC error.
 //! - [`health`]: active health checks and SIGHUP reloads, as a background service.
+//! - [`discovery`]: backends from DNS (`discover` entries) and the admin API, without reloads.
 //! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
 //! - [`metrics`]: the Prometheus registry.
 //! - [`state`]: the shared, reloadable snapshot of config and pools.
@@ -27,6 +28,7 @@ pub mod admin;
 pub mod auth;
 pub mod client_addr;
 pub mod config;
+pub mod discovery;
 pub mod health;
 pub mod limits;
 pub mod mcp;
@@ -122,6 +124,12 @@ pub fn server(config: Config, options: StartOptions) -> Result<(Server, Arc<Shar
         }
         server.add_service(service);
     }
+    server.add_service(background_service(
+        "backend discovery",
+        discovery::Discovery {
+            shared: shared.clone(),
+        },
+    ));
     server.add_service(background_service(
         "health checks",
         health::HealthChecker {

@@ -365,6 +365,10 @@ impl Pool {
         // Each skipped slot is consumed too, so an unavailable backend's share spreads over
         // the others instead of all falling to its successor.
         let n = self.order.len();
+        if n == 0 {
+            // A pool whose backends are all discovered, before the first answer.
+            return Pick::NoneAvailable;
+        }
         let now = crate::outlier::now_ms();
         let slow_start = self.config.outlier.slow_start;
         let mut ramping = None;

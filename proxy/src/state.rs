@@ -54,6 +54,9 @@ pub struct Shared {
     pub metrics: Metrics,
     /// HTTP client of the stream relay (`relay.rs`); system proxy settings are ignored.
     pub relay_client: reqwest::Client,
+    /// The config as loaded (before discovered and admin-added backends, `discovery.rs`).
+    base: Mutex<Config>,
+    dynamic: Mutex<crate::discovery::Dynamic>,
     reload_lock: Mutex<()>,
 }
 
@@ -61,6 +64,7 @@ impl Shared {
     pub fn new(config: Config) -> Result<Arc<Self>, prometheus::Error> {
         let metrics = Metrics::new()?;
         let pins = config.limits.max_session_pins;
+        let base = Mutex::new(config.clone());
         let snapshot = build(config, None);
         let shared = Arc::new(Self {
             current: ArcSwap::from_pointee(snapshot),
@@ -72,6 +76,8 @@ impl Shared {
                 .tcp_nodelay(true)
                 .build()
                 .unwrap_or_default(),
+            base,
+            dynamic: Mutex::default(),
             reload_lock: Mutex::new(()),
         });
         shared.publish_health();
@@ -86,12 +92,14 @@ impl Shared {
     /// drain flag and counters. Listener and thread changes need a restart or a graceful
     /// upgrade; they are reported and otherwise ignored. A changed `admin` section is refused
     /// whole: a reload must never turn admin authentication off or change it.
-    pub fn apply(&self, mut config: Config) -> Result<Vec<String>, ReloadError> {
+    pub fn apply(&self, config: Config) -> Result<Vec<String>, ReloadError> {
         let _guard = self.reload_lock.lock();
         let old = self.snapshot();
         if config.admin != old.config.admin {
             return Err(ReloadError::AdminChanged);
         }
+        *self.base.lock().unwrap_or_else(|p| p.into_inner()) = config.clone();
+        let mut config = self.expanded(&config);
         let mut warnings = Vec::new();
         if config.listeners != old.config.listeners {
             warnings.push(
@@ -127,10 +135,55 @@ impl Shared {
         if config.server.threads != old.config.server.threads {
             warnings.push("server.threads changed: takes effect after a restart".to_owned());
         }
-        let snapshot = build(config, Some(&old));
+        self.swap(config, &old);
+        Ok(warnings)
+    }
+
+    /// The config as loaded, before discovered and admin-added backends.
+    pub fn base_config(&self) -> Config {
+        self.base.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Runs `f` on the run-time backends (call [`Shared::rebuild`] after a change).
+    pub fn dynamic<T>(&self, f: impl FnOnce(&mut crate::discovery::Dynamic) -> T) -> T {
+        f(&mut self.dynamic.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn expanded(&self, base: &Config) -> Config {
+        crate::discovery::expand(
+            base,
+            &self.dynamic.lock().unwrap_or_else(|p| p.into_inner()),
+        )
+    }
+
+    /// Rebuilds the pools after the run-time backends changed (discovery, admin).
+    pub fn rebuild(&self) {
+        let _guard = self.reload_lock.lock();
+        let old = self.snapshot();
+        let mut config = self.expanded(&self.base_config());
+        // Listeners and limits come from the last applied file only.
+        config.listeners = old.config.listeners.clone();
+        self.swap(config, &old);
+    }
+
+    /// Installs `config`; backends it no longer has are drained, so that requests and streams
+    /// still holding the old snapshot leave them (relayed streams move at once).
+    fn swap(&self, config: Config, old: &Snapshot) {
+        let snapshot = build(config, Some(old));
+        for pool in &old.pools {
+            for b in &pool.backends {
+                let kept = snapshot
+                    .pools
+                    .iter()
+                    .any(|p| p.backends.iter().any(|x| Arc::ptr_eq(x, b)));
+                if !kept && !b.draining() {
+                    tracing::info!(pool = %pool.config.name, backend = %b.name, "backend removed: draining it");
+                    b.set_draining(true);
+                }
+            }
+        }
         self.current.store(Arc::new(snapshot));
         self.publish_health();
-        Ok(warnings)
     }
 
     /// Re-reads the config file this proxy was started with.

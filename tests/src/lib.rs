@@ -10,6 +10,7 @@
 //! - [`capture`]: a fake upstream that records what the proxy forwards.
 
 pub mod capture;
+pub mod dns;
 pub mod idp;
 pub mod redis_deploy;
 
@@ -210,6 +211,8 @@ impl Redis {
 /// A real `mcp-backend` process.
 pub struct Backend {
     pub port: u16,
+    /// The loopback address it listens on (127.0.0.1 unless started with [`Backend::start_on`]).
+    pub host: String,
     pub node_id: String,
     redis_url: Option<String>,
     extra: Vec<String>,
@@ -225,6 +228,28 @@ impl Backend {
         Self::start_with(node_id, redis_url, extra, &[]).await
     }
 
+    /// Starts a replica on `host:port` (another loopback address, so that several share a
+    /// port, as the pods behind one DNS name do).
+    pub async fn start_on(
+        node_id: &str,
+        redis_url: Option<&str>,
+        host: &str,
+        port: u16,
+    ) -> Result<Self> {
+        let mut b = Self {
+            port,
+            host: host.to_owned(),
+            node_id: node_id.to_owned(),
+            redis_url: redis_url.map(str::to_owned),
+            extra: Vec::new(),
+            envs: Vec::new(),
+            child: None,
+            log: TempDir::new("backend-log"),
+        };
+        b.spawn().await?;
+        Ok(b)
+    }
+
     /// Starts a replica with extra flags and environment variables.
     pub async fn start_with(
         node_id: &str,
@@ -234,6 +259,7 @@ impl Backend {
     ) -> Result<Self> {
         let mut b = Self {
             port: free_port(),
+            host: "127.0.0.1".to_owned(),
             node_id: node_id.to_owned(),
             redis_url: redis_url.map(str::to_owned),
             extra: extra.iter().map(|s| (*s).to_owned()).collect(),
@@ -263,7 +289,7 @@ impl Backend {
                 std::env::var("TEST_BACKEND_LOG").unwrap_or_else(|_| "warn".into()),
             )
             .env("NODE_ID", &self.node_id)
-            .env("HOST", "127.0.0.1")
+            .env("HOST", &self.host)
             .env("PORT", self.port.to_string())
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .args(&self.extra)
@@ -303,16 +329,16 @@ impl Backend {
     }
 
     pub fn base(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     pub fn mcp(&self) -> String {
         format!("{}/mcp", self.base())
     }
 
-    /// `127.0.0.1:port`: the proxy's name for this backend.
+    /// `host:port`: the proxy's name for this backend.
     pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        format!("{}:{}", self.host, self.port)
     }
 
     /// SIGKILL: the process dies with everything in its memory.

@@ -642,3 +642,163 @@ async fn conformance_and_the_python_sdk_pass_while_backends_restart() {
         "python SDK while a backend restarted: {out}"
     );
 }
+
+/// A port free on all of 127.0.0.2-4 (the backends behind one DNS name share it).
+fn port_free_on_three_addresses() -> u16 {
+    for _ in 0..50 {
+        let port = tests::free_port();
+        let free = (2..=4).all(|i| {
+            std::net::TcpListener::bind(("127.0.0.".to_owned() + &i.to_string(), port)).is_ok()
+        });
+        if free {
+            return port;
+        }
+    }
+    panic!("no port free on 127.0.0.2-4");
+}
+
+/// Backends behind a DNS name (a test-owned DNS server whose records change mid-run): a new
+/// record starts receiving traffic, a removed one is drained, the admin API adds and removes
+/// a backend, and no request fails meanwhile.
+#[tokio::test]
+async fn dns_and_admin_backends_come_and_go_without_a_failed_request() {
+    use std::net::Ipv4Addr;
+    let dns = tests::dns::TestDns::start().await.expect("dns");
+    let redis = Redis::start(false).await.expect("redis");
+    let port = port_free_on_three_addresses();
+    let ip = |i: u8| Ipv4Addr::new(127, 0, 0, i);
+    let b2 = Backend::start_on("b2", Some(&redis.url()), "127.0.0.2", port)
+        .await
+        .expect("b2");
+    let b3 = Backend::start_on("b3", Some(&redis.url()), "127.0.0.3", port)
+        .await
+        .expect("b3");
+    let b4 = Backend::start_on("b4", Some(&redis.url()), "127.0.0.4", port)
+        .await
+        .expect("b4");
+    dns.set("mcp.test", &[ip(2)]);
+    let dns_address = dns.address();
+    let proxy = Proxy::start_custom(|p| {
+        format!(
+            "{}listeners: [{{address: 127.0.0.1:{}}}]\nadmin: {{address: 127.0.0.1:{}}}\npools:\n  - name: mcp\n    shared_sessions: true\n    backends: [{{discover: \"mcp.test:{port}\", name: mcp}}]\n    dns: {{servers: [\"{dns_address}\"], min_refresh_ms: 200, max_refresh_ms: 1000}}\n    health_check: {{interval_ms: 200, timeout_ms: 150, healthy_threshold: 1, unhealthy_threshold: 2}}\n",
+            p.server_yaml(),
+            p.port,
+            p.admin_port
+        )
+    })
+    .await
+    .expect("proxy");
+    let url = proxy.mcp();
+    let names = async || -> Vec<String> {
+        let all = proxy.admin("/admin/backends").await.unwrap_or_default();
+        all["pools"][0]["backends"]
+            .as_array()
+            .map(|bs| {
+                bs.iter()
+                    .filter_map(|b| b["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let until = async |what: &str, want: &dyn Fn(&[String]) -> bool| {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let n = names().await;
+            if want(&n) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "{what}: backends {n:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    until("the first record is a backend", &|n| n == ["mcp-127.0.0.2"]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (url, stop) = (url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut c = McpClient::new();
+            c.initialize(&url, json!({})).await.expect("initialize");
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let mut served = std::collections::BTreeSet::new();
+            let mut id = 10;
+            while !stop.load(Ordering::Relaxed) {
+                id += 1;
+                match c
+                    .call(
+                        &url,
+                        id,
+                        "tools/call",
+                        json!({"name": "hello", "arguments": {}}),
+                    )
+                    .await
+                {
+                    Ok(r) if r.result(id).is_ok() => {
+                        ok += 1;
+                        served.insert(r.served_by());
+                    }
+                    Ok(r) => failed.push(format!("{} {:?}", r.status, r.body)),
+                    Err(e) => failed.push(format!("{e:#}")),
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (ok, failed, served)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    dns.set("mcp.test", &[ip(2), ip(3)]);
+    until("a new record joins", &|n| n.len() == 2).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    dns.set("mcp.test", &[ip(3)]);
+    until("a removed record leaves", &|n| n == ["mcp-127.0.0.3"]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The admin API adds and removes one too.
+    let add = json!({"pool": "mcp", "address": b4.address(), "name": "manual"});
+    let (status, v) = proxy_post_json(&proxy, "/admin/backends", &add).await;
+    assert_eq!(status, 200, "{v}");
+    until("the added backend joins", &|n| {
+        n.contains(&"manual".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (status, v) = proxy_delete(&proxy, "/admin/backends/manual").await;
+    assert_eq!(status, 200, "{v}");
+    until("the removed backend leaves", &|n| {
+        !n.contains(&"manual".to_owned())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed, served) = load.await.expect("load");
+    eprintln!(
+        "dns and admin changes: {ok} calls, {} failed, served by {served:?}",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "no request fails: {failed:?}");
+    for name in ["mcp-127.0.0.2", "mcp-127.0.0.3", "manual"] {
+        assert!(served.contains(name), "{name} served requests: {served:?}");
+    }
+    drop((b2, b3, b4));
+}
+
+async fn proxy_post_json(proxy: &Proxy, path: &str, body: &Value) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .post(proxy.admin_url(path))
+        .json(body)
+        .send()
+        .await
+        .expect("admin POST");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+async fn proxy_delete(proxy: &Proxy, path: &str) -> (u16, Value) {
+    let r = reqwest::Client::new()
+        .delete(proxy.admin_url(path))
+        .header("x-mcp-admin", "1")
+        .send()
+        .await
+        .expect("admin DELETE");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
