@@ -32,6 +32,10 @@ struct Cli {
     /// Without a file: the admin listener address (health, metrics, admin API).
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    /// Without a file: the backends share sessions and resume each other's streams
+    /// (mcp-backend replicas on one Redis), as `shared_sessions: true` in a file.
+    #[arg(long)]
+    shared_sessions: bool,
     /// Take over the listeners of a running mcp-proxy (graceful upgrade; then SIGQUIT the old one).
     #[arg(short = 'u', long)]
     upgrade: bool,
@@ -43,9 +47,13 @@ struct Cli {
 fn load(cli: &Cli) -> anyhow::Result<Config> {
     match &cli.conf {
         Some(path) => {
-            if !cli.listen.is_empty() || !cli.backend.is_empty() || cli.admin.is_some() {
+            if !cli.listen.is_empty()
+                || !cli.backend.is_empty()
+                || cli.admin.is_some()
+                || cli.shared_sessions
+            {
                 anyhow::bail!(
-                    "--listen, --backend and --admin cannot be combined with -c; put them in the file"
+                    "--listen, --backend, --admin and --shared-sessions cannot be combined with -c; put them in the file"
                 );
             }
             Ok(Config::load(path)?)
@@ -54,11 +62,11 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
             if cli.listen.is_empty() || cli.backend.is_empty() {
                 anyhow::bail!("give -c FILE, or --listen ADDR with at least one --backend ADDR");
             }
-            Ok(Config::from_cli(
-                &cli.listen,
-                &cli.backend,
-                cli.admin.as_deref(),
-            )?)
+            let mut config = Config::from_cli(&cli.listen, &cli.backend, cli.admin.as_deref())?;
+            for pool in &mut config.pools {
+                pool.shared_sessions = cli.shared_sessions;
+            }
+            Ok(config)
         }
     }
 }

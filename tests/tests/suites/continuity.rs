@@ -574,10 +574,10 @@ async fn restart_later(b: &mut Backend, proxy: &Proxy, delay: Duration) {
     }
 }
 
-/// The official conformance suite and the Python SDK through the proxy give the same results
-/// while backends are restarted in the middle of their runs.
+/// The official conformance suite and the Python and TypeScript SDKs through the proxy give
+/// the same results while backends are restarted in the middle of their runs.
 #[tokio::test]
-async fn conformance_and_the_python_sdk_pass_while_backends_restart() {
+async fn conformance_and_the_sdks_pass_while_backends_restart() {
     let redis = Redis::start(false).await.expect("redis");
     let dir = tests::TempDir::new("backend-conf");
     let conf = dir.0.join("backend.yaml");
@@ -618,7 +618,10 @@ async fn conformance_and_the_python_sdk_pass_while_backends_restart() {
         }
     );
     eprintln!("conformance took {took:?}; the first restart was done at {restarted:?}");
-    assert!(took > restarted, "a backend restarted during the run");
+    assert!(
+        took > Duration::from_millis(300),
+        "the first SIGTERM (at 300 ms) came during the run"
+    );
     assert_eq!(
         proxied, direct,
         "the same totals while two backends restarted"
@@ -641,6 +644,22 @@ async fn conformance_and_the_python_sdk_pass_while_backends_restart() {
         out.contains("OK"),
         "python SDK while a backend restarted: {out}"
     );
+    let started = Instant::now();
+    let (((ok, out), took), ()) = tokio::join!(
+        async {
+            let run = tests::sdk_client("node", "ts_client.mjs", &[&base, "http"], None).await;
+            (run, started.elapsed())
+        },
+        async {
+            restart_later(&mut b[1], &proxy, Duration::from_millis(100)).await;
+        }
+    );
+    eprintln!("typescript SDK took {took:?}; SIGTERM at 100 ms");
+    assert!(
+        took > Duration::from_millis(100),
+        "the SIGTERM came during the run"
+    );
+    assert!(ok, "typescript SDK while a backend restarted:\n{out}");
 }
 
 /// A port free on all of 127.0.0.2-4 (the backends behind one DNS name share it).
@@ -801,4 +820,93 @@ async fn proxy_delete(proxy: &Proxy, path: &str) -> (u16, Value) {
         .expect("admin DELETE");
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or_default())
+}
+
+/// A client that reconnects by itself with `Last-Event-ID` while the backend its stream was
+/// on is dead lands on another one and gets exactly what it missed.
+#[tokio::test]
+async fn a_client_reconnecting_with_its_last_event_id_while_its_backend_is_down_misses_nothing() {
+    let redis = Redis::start(false).await.expect("redis");
+    let mut backends = Vec::new();
+    for name in ["a", "b"] {
+        backends.push(
+            Backend::start(name, Some(&redis.url()), &[])
+                .await
+                .expect("backend"),
+        );
+    }
+    let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
+    let proxy = Proxy::start(&addrs, "shared_sessions: true")
+        .await
+        .expect("proxy");
+    let url = proxy.mcp();
+    let mut c = McpClient::new();
+    c.initialize(&url, json!({})).await.expect("initialize");
+    let (status, mut stream) = c.open_stream(&url, None).await.expect("GET");
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.tool(&url, 1, "notify", json!({"message": "before"}))
+        .await
+        .expect("notify");
+    let mut last_id = None;
+    while let Ok(Some(e)) = tokio::time::timeout(Duration::from_secs(2), stream.recv()).await {
+        if e.id.is_some() {
+            last_id = e.id.clone();
+        }
+        if e.json()
+            .is_some_and(|m| m["params"]["data"]["message"] == "before")
+        {
+            break;
+        }
+    }
+    let last_id = last_id.expect("the stream carries event ids");
+    drop(stream);
+    // The client is gone; both backends die and one comes back; events happen meanwhile.
+    for b in &mut backends {
+        b.kill().await;
+    }
+    backends[0].start_again().await.expect("a again");
+    let deadline = Instant::now() + WAIT;
+    while !proxy
+        .backend(&backends[0].address())
+        .await
+        .is_ok_and(|v| v["healthy"] == true)
+    {
+        assert!(Instant::now() < deadline, "a back in the pool");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for i in 0..3 {
+        c.tool(
+            &url,
+            10 + i,
+            "notify",
+            json!({"message": format!("missed{i}")}),
+        )
+        .await
+        .expect("notify while the client was away");
+    }
+    let (status, mut again) = c
+        .open_stream(&url, Some(&last_id))
+        .await
+        .expect("GET again");
+    assert_eq!(status, 200);
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let Ok(Some(e)) = tokio::time::timeout(WAIT, again.recv()).await else {
+            break;
+        };
+        if let Some(m) = e.json().filter(|m| m["method"] == "notifications/message") {
+            got.push(
+                m["params"]["data"]["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
+        }
+    }
+    assert_eq!(
+        got,
+        ["missed0", "missed1", "missed2"],
+        "exactly what was missed"
+    );
 }
