@@ -287,11 +287,9 @@ impl McpProxy {
                             .transition(&pool.config.name, &b.name, tr, "stream failed");
                     }
                     ctx.tried = vec![i];
-                    idle_attempts += 1;
-                    if idle_attempts >= MAX_ATTEMPTS {
+                    if give_up(&mut idle_attempts).await {
                         break;
                     }
-                    backoff(idle_attempts).await;
                     continue;
                 }
             };
@@ -313,11 +311,9 @@ impl McpProxy {
                     break;
                 }
                 ctx.tried = vec![i];
-                idle_attempts += 1;
-                if idle_attempts >= MAX_ATTEMPTS {
+                if give_up(&mut idle_attempts).await {
                     break;
                 }
-                backoff(idle_attempts).await;
                 continue;
             }
             if !started {
@@ -339,11 +335,11 @@ impl McpProxy {
                         .with_label_values(&[&pool.config.name, "stream_resume"])
                         .inc();
                     ctx.tried = vec![i];
-                    idle_attempts = if delivered { 0 } else { idle_attempts + 1 };
-                    if idle_attempts >= MAX_ATTEMPTS {
+                    if delivered {
+                        idle_attempts = 0;
+                    } else if give_up(&mut idle_attempts).await {
                         break;
                     }
-                    backoff(idle_attempts).await;
                 }
             }
         }
@@ -484,10 +480,17 @@ impl McpProxy {
     }
 }
 
-async fn backoff(attempt: u32) {
-    if attempt > 1 {
-        tokio::time::sleep(FIRST_BACKOFF * 2u32.pow(attempt.min(6) - 2)).await;
+/// Counts a reopening that delivered nothing: `true` once there were [`MAX_ATTEMPTS`] in a
+/// row (end the stream), otherwise waits the backoff (none for the first).
+async fn give_up(attempts: &mut u32) -> bool {
+    *attempts += 1;
+    if *attempts >= MAX_ATTEMPTS {
+        return true;
     }
+    if *attempts > 1 {
+        tokio::time::sleep(FIRST_BACKOFF * 2u32.pow((*attempts).min(6) - 2)).await;
+    }
+    false
 }
 
 #[cfg(test)]

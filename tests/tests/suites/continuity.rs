@@ -11,6 +11,34 @@ use tokio::sync::Mutex;
 
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Backends named `names` on one Redis, with `yaml` as their config file when given (the
+/// directory holding it is returned too, to outlive them).
+async fn backends_on(
+    redis: &Redis,
+    names: &[&str],
+    extra: &[&str],
+    yaml: Option<&str>,
+) -> (Vec<Backend>, tests::TempDir) {
+    let dir = tests::TempDir::new("backend-conf");
+    let mut args: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+    if let Some(yaml) = yaml {
+        let conf = dir.0.join("backend.yaml");
+        std::fs::write(&conf, yaml).expect("write config");
+        args.push("-c".into());
+        args.push(conf.to_str().unwrap_or_default().to_owned());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut backends = Vec::new();
+    for name in names {
+        backends.push(
+            Backend::start(name, Some(&redis.url()), &args)
+                .await
+                .unwrap_or_else(|e| panic!("backend {name}: {e:#}")),
+        );
+    }
+    (backends, dir)
+}
+
 async fn health(b: &Backend) -> Value {
     match reqwest::get(format!("{}/health", b.base())).await {
         Ok(r) => r.json().await.unwrap_or_default(),
@@ -50,14 +78,7 @@ async fn stream_holder(
 #[tokio::test]
 async fn a_stream_survives_its_backend_killed_drained_and_restarted() {
     let redis = Redis::start(false).await.expect("redis");
-    let mut backends = Vec::new();
-    for name in ["a", "b", "c"] {
-        backends.push(
-            Backend::start(name, Some(&redis.url()), &[])
-                .await
-                .expect("backend"),
-        );
-    }
+    let (mut backends, _dir) = backends_on(&redis, &["a", "b", "c"], &[], None).await;
     let baseline = health(&backends[0]).await["busTopics"]
         .as_u64()
         .unwrap_or(0);
@@ -198,22 +219,17 @@ async fn a_stream_survives_its_backend_killed_drained_and_restarted() {
 #[tokio::test]
 async fn a_rolling_restart_under_load_is_invisible() {
     let redis = Redis::start(false).await.expect("redis");
-    let dir = tests::TempDir::new("backend-conf");
-    let conf = dir.0.join("backend.yaml");
-    std::fs::write(
-        &conf,
-        "shutdown_drain_seconds: 1\nshutdown_grace_seconds: 5\n",
+    let (mut backends, _dir) = backends_on(
+        &redis,
+        &["a", "b", "c"],
+        &[],
+        Some(
+            "shutdown_drain_seconds: 1
+shutdown_grace_seconds: 5
+",
+        ),
     )
-    .expect("write config");
-    let conf = conf.to_str().unwrap_or_default().to_owned();
-    let mut backends = Vec::new();
-    for name in ["a", "b", "c"] {
-        backends.push(
-            Backend::start(name, Some(&redis.url()), &["-c", &conf])
-                .await
-                .expect("backend"),
-        );
-    }
+    .await;
     let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
     let proxy = Proxy::start(&addrs, "shared_sessions: true")
         .await
@@ -365,14 +381,7 @@ async fn call_tool(c: &McpClient, url: &str, id: i64, name: &str, args: Value) -
 #[tokio::test]
 async fn killing_backends_under_load_loses_nothing_and_repeats_nothing() {
     let redis = Redis::start(false).await.expect("redis");
-    let mut backends = Vec::new();
-    for name in ["a", "b", "c"] {
-        backends.push(
-            Backend::start(name, Some(&redis.url()), &[])
-                .await
-                .expect("backend"),
-        );
-    }
+    let (mut backends, _dir) = backends_on(&redis, &["a", "b", "c"], &[], None).await;
     let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
     let proxy = Proxy::start(
         &addrs,
@@ -579,22 +588,13 @@ async fn restart_later(b: &mut Backend, proxy: &Proxy, delay: Duration) {
 #[tokio::test]
 async fn conformance_and_the_sdks_pass_while_backends_restart() {
     let redis = Redis::start(false).await.expect("redis");
-    let dir = tests::TempDir::new("backend-conf");
-    let conf = dir.0.join("backend.yaml");
-    std::fs::write(
-        &conf,
-        "shutdown_drain_seconds: 1\nshutdown_grace_seconds: 10\n",
+    let (mut b, _dir) = backends_on(
+        &redis,
+        &["a", "b", "c"],
+        &["--conformance"],
+        Some("shutdown_drain_seconds: 1\nshutdown_grace_seconds: 10\n"),
     )
-    .expect("write config");
-    let conf = conf.to_str().unwrap_or_default().to_owned();
-    let mut b = Vec::new();
-    for name in ["a", "b", "c"] {
-        b.push(
-            Backend::start(name, Some(&redis.url()), &["--conformance", "-c", &conf])
-                .await
-                .expect("backend"),
-        );
-    }
+    .await;
     let addrs: Vec<String> = b.iter().map(Backend::address).collect();
     let proxy = Proxy::start(
         &addrs,
@@ -827,14 +827,7 @@ async fn proxy_delete(proxy: &Proxy, path: &str) -> (u16, Value) {
 #[tokio::test]
 async fn a_client_reconnecting_with_its_last_event_id_while_its_backend_is_down_misses_nothing() {
     let redis = Redis::start(false).await.expect("redis");
-    let mut backends = Vec::new();
-    for name in ["a", "b"] {
-        backends.push(
-            Backend::start(name, Some(&redis.url()), &[])
-                .await
-                .expect("backend"),
-        );
-    }
+    let (mut backends, _dir) = backends_on(&redis, &["a", "b"], &[], None).await;
     let addrs: Vec<String> = backends.iter().map(Backend::address).collect();
     let proxy = Proxy::start(&addrs, "shared_sessions: true")
         .await
