@@ -53,6 +53,12 @@ pub(crate) enum Failure {
     SessionGone,
 }
 
+/// Headers to drop from and set on a request going upstream ([`McpProxy::upstream_edits`]).
+pub(crate) struct UpstreamEdits {
+    pub remove: Vec<http::HeaderName>,
+    pub set: Vec<(&'static str, String)>,
+}
+
 pub struct McpProxy {
     pub shared: Arc<Shared>,
     /// Index of the listener in the config, which names its routes.
@@ -210,6 +216,51 @@ impl McpProxy {
             pool.backends[i].active.fetch_sub(1, Ordering::Relaxed);
         }
         ctx.counted = false;
+    }
+
+    /// What the proxy changes in the request headers it sends upstream, through pingora or
+    /// through its own client (`relay.rs`, `resume.rs`): identity headers come from the proxy
+    /// only (whatever the client sent under `x-mcp-principal*` is dropped, and `Authorization`
+    /// unless the pool forwards it), the principal is signed now, and `X-Forwarded-For` /
+    /// `X-Forwarded-Proto` are added. `headers` are the request's as they stand.
+    pub(crate) fn upstream_edits(
+        &self,
+        session: &Session,
+        ctx: &Ctx,
+        headers: &http::HeaderMap,
+    ) -> UpstreamEdits {
+        let mut remove: Vec<http::HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().starts_with(auth::PRINCIPAL))
+            .cloned()
+            .collect();
+        let mut set = Vec::new();
+        if let Some(a) = ctx.pool.as_ref().and_then(|p| p.auth.clone()) {
+            // No token passthrough: the backend is not the token's audience.
+            if !a.config.forward_authorization {
+                remove.push(header::AUTHORIZATION);
+            }
+            if let (Some(p), Some(secret)) = (&ctx.principal, &a.config.principal_secret) {
+                let (scopes, signature) = p.sign(secret, auth::unix_now());
+                set.push((auth::PRINCIPAL, p.header.clone()));
+                if !scopes.is_empty() {
+                    set.push((auth::PRINCIPAL_SCOPES, scopes));
+                }
+                set.push((auth::PRINCIPAL_SIGNATURE, signature));
+            }
+        }
+        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+            let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(prev) => format!("{prev}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            set.push(("X-Forwarded-For", xff));
+        }
+        set.push((
+            "X-Forwarded-Proto",
+            if self.tls { "https" } else { "http" }.to_owned(),
+        ));
+        UpstreamEdits { remove, set }
     }
 
     /// Feeds outlier detection; an ejection is counted like a health transition.
@@ -785,29 +836,12 @@ impl ProxyHttp for McpProxy {
         upstream: &mut pingora::http::RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        // Identity headers come from the proxy only: whatever the client sent is dropped.
-        let forged: Vec<http::HeaderName> = upstream
-            .headers
-            .keys()
-            .filter(|k| k.as_str().starts_with(auth::PRINCIPAL))
-            .cloned()
-            .collect();
-        for k in forged {
-            upstream.remove_header(&k);
+        let edits = self.upstream_edits(session, ctx, &upstream.headers);
+        for k in &edits.remove {
+            upstream.remove_header(k);
         }
-        if let Some(a) = ctx.pool.as_ref().and_then(|p| p.auth.clone()) {
-            // No token passthrough: the backend is not the token's audience.
-            if !a.config.forward_authorization {
-                upstream.remove_header(&header::AUTHORIZATION);
-            }
-            if let (Some(p), Some(secret)) = (&ctx.principal, &a.config.principal_secret) {
-                let (scopes, signature) = p.sign(secret, auth::unix_now());
-                upstream.insert_header(auth::PRINCIPAL, &p.header)?;
-                if !scopes.is_empty() {
-                    upstream.insert_header(auth::PRINCIPAL_SCOPES, scopes)?;
-                }
-                upstream.insert_header(auth::PRINCIPAL_SIGNATURE, signature)?;
-            }
+        for (k, v) in edits.set {
+            upstream.insert_header(k, v)?;
         }
         if !ctx.prefix.is_empty()
             && let Some(pool) = &ctx.pool
@@ -826,18 +860,6 @@ impl ProxyHttp for McpProxy {
                 .or_err(ErrorType::InternalError, "rewriting the upstream path")?;
             upstream.set_uri(uri);
         }
-        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
-            let xff = match upstream
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(prev) => format!("{prev}, {}", peer.ip()),
-                None => peer.ip().to_string(),
-            };
-            upstream.insert_header("X-Forwarded-For", xff)?;
-        }
-        upstream.insert_header("X-Forwarded-Proto", if self.tls { "https" } else { "http" })?;
         Ok(())
     }
 

@@ -25,7 +25,6 @@ use pingora::Result;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 
-use crate::auth;
 use crate::pool::Pool;
 use crate::proxy::{Ctx, McpProxy};
 
@@ -43,7 +42,7 @@ const MAX_EVENT_ID_BYTES: usize = 1024;
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
 /// Request headers never copied upstream: hop-by-hop ones and those the relay sets itself.
-const NOT_FORWARDED: [&str; 10] = [
+const NOT_FORWARDED: [&str; 9] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -53,8 +52,21 @@ const NOT_FORWARDED: [&str; 10] = [
     "upgrade",
     "content-length",
     "last-event-id",
-    "x-forwarded-proto",
 ];
+
+/// Response headers never copied from a backend's answer: hop-by-hop ones and the length
+/// (the proxy frames the body itself).
+fn copy_response_headers(resp: &mut ResponseHeader, upstream: &http::HeaderMap) -> Result<()> {
+    for (k, v) in upstream {
+        if !matches!(
+            k.as_str(),
+            "connection" | "keep-alive" | "transfer-encoding" | "content-length"
+        ) {
+            resp.append_header(k.clone(), v.clone())?;
+        }
+    }
+    Ok(())
+}
 
 /// Splits an SSE byte stream into whole events and remembers the last event id.
 #[derive(Debug, Default)]
@@ -188,45 +200,18 @@ impl McpProxy {
         for name in NOT_FORWARDED {
             h.remove(name);
         }
-        let forged: Vec<http::HeaderName> = h
-            .keys()
-            .filter(|k| k.as_str().starts_with(auth::PRINCIPAL))
-            .cloned()
-            .collect();
-        for k in forged {
-            h.remove(&k);
+        let edits = self.upstream_edits(session, ctx, &h);
+        for k in &edits.remove {
+            h.remove(k);
         }
-        if let Some(a) = ctx.pool.as_ref().and_then(|p| p.auth.clone()) {
-            if !a.config.forward_authorization {
-                h.remove(header::AUTHORIZATION);
-            }
-            if let (Some(p), Some(secret)) = (&ctx.principal, &a.config.principal_secret) {
-                let (scopes, signature) = p.sign(secret, auth::unix_now());
-                let mut put = |k: &'static str, v: &str| {
-                    if let Ok(v) = http::HeaderValue::from_str(v) {
-                        h.insert(k, v);
-                    }
-                };
-                put(auth::PRINCIPAL, &p.header);
-                if !scopes.is_empty() {
-                    put(auth::PRINCIPAL_SCOPES, &scopes);
-                }
-                put(auth::PRINCIPAL_SIGNATURE, &signature);
+        for (k, v) in edits.set {
+            if let (Ok(k), Ok(v)) = (
+                http::HeaderName::from_bytes(k.as_bytes()),
+                http::HeaderValue::from_str(&v),
+            ) {
+                h.insert(k, v);
             }
         }
-        if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
-            let xff = match h.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {}", peer.ip()),
-                None => peer.ip().to_string(),
-            };
-            if let Ok(v) = http::HeaderValue::from_str(&xff) {
-                h.insert("x-forwarded-for", v);
-            }
-        }
-        h.insert(
-            "x-forwarded-proto",
-            http::HeaderValue::from_static(if self.tls { "https" } else { "http" }),
-        );
         if let Some(id) = last_id.and_then(|v| http::HeaderValue::from_str(v).ok()) {
             h.insert("last-event-id", id);
         }
@@ -374,14 +359,7 @@ impl McpProxy {
         upstream: &http::HeaderMap,
     ) -> Result<()> {
         let mut resp = ResponseHeader::build(200, Some(upstream.len() + 3))?;
-        for (k, v) in upstream {
-            if !matches!(
-                k.as_str(),
-                "connection" | "keep-alive" | "transfer-encoding" | "content-length"
-            ) {
-                resp.append_header(k.clone(), v.clone())?;
-            }
-        }
+        copy_response_headers(&mut resp, upstream)?;
         if !session.as_downstream().is_http2() {
             resp.insert_header(header::TRANSFER_ENCODING, "chunked")?;
         }
@@ -455,14 +433,7 @@ impl McpProxy {
     ) -> Result<()> {
         let status = response.status().as_u16();
         let mut resp = ResponseHeader::build(status, Some(response.headers().len()))?;
-        for (k, v) in response.headers() {
-            if !matches!(
-                k.as_str(),
-                "connection" | "keep-alive" | "transfer-encoding" | "content-length"
-            ) {
-                resp.append_header(k.clone(), v.clone())?;
-            }
-        }
+        copy_response_headers(&mut resp, response.headers())?;
         let mut body = BytesMut::new();
         let mut chunks = response.bytes_stream();
         while let Some(Ok(c)) = chunks.next().await {
