@@ -771,6 +771,38 @@ async fn dns_and_admin_backends_come_and_go_without_a_failed_request() {
     dns.set("mcp.test", &[ip(3)]);
     until("a removed record leaves", &|n| n == ["mcp-127.0.0.3"]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    // The admin API refuses what it must not take: a host name (a lookup would block), a
+    // taken name or address, a bad weight, unknown keys, no JSON at all.
+    for (body, want) in [
+        (json!({"pool": "mcp", "address": "evil.example:80"}), 400),
+        (
+            json!({"pool": "mcp", "address": "127.0.0.3:1", "name": "mcp-127.0.0.3"}),
+            409,
+        ),
+        (
+            json!({"pool": "mcp", "address": format!("127.0.0.3:{port}")}),
+            409,
+        ),
+        (
+            json!({"pool": "mcp", "address": "127.0.0.9:1", "weight": 0}),
+            400,
+        ),
+        (
+            json!({"pool": "mcp", "address": "127.0.0.9:1", "admin": true}),
+            400,
+        ),
+        (json!({"pool": "nope", "address": "127.0.0.9:1"}), 404),
+        (json!("not an object"), 400),
+    ] {
+        let (status, v) = proxy_post_json(&proxy, "/admin/backends", &body).await;
+        assert_eq!(status, want, "{body} -> {v}");
+    }
+    assert_eq!(proxy_delete(&proxy, "/admin/backends/nobody").await.0, 404);
+    assert_eq!(
+        names().await,
+        ["mcp-127.0.0.3"],
+        "refused requests changed nothing"
+    );
     // The admin API adds and removes one too.
     let add = json!({"pool": "mcp", "address": b4.address(), "name": "manual"});
     let (status, v) = proxy_post_json(&proxy, "/admin/backends", &add).await;
