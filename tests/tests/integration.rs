@@ -16,6 +16,8 @@ const WAIT: Duration = Duration::from_secs(10);
 mod backend_security;
 #[path = "suites/continuity.rs"]
 mod continuity;
+#[path = "suites/deploy.rs"]
+mod deploy;
 #[path = "suites/edge_security.rs"]
 mod edge_security;
 #[path = "suites/session_state.rs"]
