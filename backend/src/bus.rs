@@ -151,6 +151,7 @@ impl Bus {
                     delay = Duration::from_millis(100);
                     if subscribed_before {
                         self.generation.send_modify(|g| *g += 1);
+                        crate::metrics::metrics().bus_reconnects.inc();
                     }
                     subscribed_before = true;
                     let (mut sink, mut messages) = pubsub.split();

@@ -71,6 +71,8 @@ pub enum ConfigError {
         value: String,
         reason: &'static str,
     },
+    #[error("invalid value for `{}`: {:?} ({})", .0.key, .0.value, .0.message)]
+    Telemetry(#[from] telemetry::Invalid),
     /// A secret is invalid: the error names the key, never the value.
     #[error("invalid value for `{key}` (value not shown): {reason}")]
     InvalidSecret {
@@ -135,15 +137,6 @@ fn invalid(key: &'static str, value: impl ToString, reason: &'static str) -> Con
         value: value.to_string(),
         reason,
     }
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    #[default]
-    Text,
-    Json,
 }
 
 /// The `redis:` section as written: one of `url`, `sentinels` (with `sentinel_master`) or
@@ -250,7 +243,8 @@ pub struct FileConfig {
     pub sse_keep_alive_seconds: Option<u64>,
     pub redis_timeout_ms: Option<u64>,
     pub conformance: Option<bool>,
-    pub log_format: Option<LogFormat>,
+    /// Logs and traces (see the `telemetry` crate).
+    pub telemetry: Option<telemetry::TelemetryConfig>,
     pub operations_token: Option<Secret>,
     pub principal_secret: Option<Secret>,
     pub principal_max_skew_seconds: Option<u64>,
@@ -289,7 +283,7 @@ pub struct Config {
     pub redis_timeout: Duration,
     /// Serve the fixture tools, resources and prompts of the official conformance suite.
     pub conformance: bool,
-    pub log_format: LogFormat,
+    pub telemetry: telemetry::TelemetryConfig,
     /// Bearer token of `GET /sessions` and `DELETE /sessions/{id}`; `None`: both answer 404.
     pub operations_token: Option<Secret>,
     /// HMAC key of the principal headers from the proxy; `None`: they are ignored and every
@@ -373,6 +367,8 @@ impl FileConfig {
 
     /// Checks every value and builds the runtime [`Config`].
     pub fn validate(self) -> Result<Config, ConfigError> {
+        let telemetry = self.telemetry.clone().unwrap_or_default();
+        telemetry.validate()?;
         let node_id = match self.node_id {
             Some(id) => {
                 if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
@@ -586,7 +582,7 @@ impl FileConfig {
             sse_keep_alive: Duration::from_secs(keep_alive),
             redis_timeout: Duration::from_millis(redis_timeout_ms),
             conformance: self.conformance.unwrap_or(false),
-            log_format: self.log_format.unwrap_or_default(),
+            telemetry,
             operations_token,
             principal_secret,
             principal_max_skew: Duration::from_secs(skew),

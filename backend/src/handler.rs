@@ -207,6 +207,27 @@ static FIXTURE_TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(conformance::tools);
 
 impl Handler {
     /// The tools this server lists, in a stable order (fixtures only with `--conformance`).
+    /// Runs one tool call (the main tools, then the conformance fixtures when served).
+    async fn run_tool(
+        &self,
+        request: CallToolRequestParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, ErrorData> {
+        let args = request.arguments.clone().unwrap_or_default();
+        if let Some(result) = self.call_main_tool(&request.name, &args, &cx).await? {
+            return Ok(result.into());
+        }
+        if self.node.config.conformance
+            && let Some(result) = conformance::call_tool(&self.node, &request, &cx).await?
+        {
+            return Ok(result);
+        }
+        Err(ErrorData::invalid_params(
+            format!("unknown tool: {}", request.name),
+            None,
+        ))
+    }
+
     fn served_tools(&self) -> impl Iterator<Item = &'static Tool> {
         let fixtures: &'static [Tool] = if self.node.config.conformance {
             &FIXTURE_TOOLS
@@ -507,19 +528,44 @@ impl ServerHandler for Handler {
         request: CallToolRequestParams,
         cx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let args = request.arguments.clone().unwrap_or_default();
-        if let Some(result) = self.call_main_tool(&request.name, &args, &cx).await? {
-            return Ok(result.into());
-        }
-        if self.node.config.conformance
-            && let Some(result) = conformance::call_tool(&self.node, &request, &cx).await?
-        {
-            return Ok(result);
-        }
-        Err(ErrorData::invalid_params(
-            format!("unknown tool: {}", request.name),
-            None,
-        ))
+        use opentelemetry::trace::FutureExt as _;
+        // rmcp runs this in the session's worker: the request's trace context comes along in
+        // the HTTP request it attached.
+        let parent = cx
+            .extensions
+            .get::<http::request::Parts>()
+            .and_then(|p| p.extensions.get::<opentelemetry::Context>())
+            .cloned();
+        let known = self.served_tools().any(|t| t.name == request.name);
+        let label = if known { &*request.name } else { "unknown" };
+        let span = crate::trace::child(
+            parent.as_ref(),
+            format!("tool {label}"),
+            vec![opentelemetry::KeyValue::new(
+                "gen_ai.tool.name",
+                request.name.to_string(),
+            )],
+        );
+        let started = std::time::Instant::now();
+        let call = self.run_tool(request.clone(), cx);
+        let result = match &span {
+            Some(s) => call.with_context(s.clone()).await,
+            None => call.await,
+        };
+        let failed = match &result {
+            Ok(rmcp::model::CallToolResponse::Complete(r)) => r.is_error == Some(true),
+            Ok(_) => false,
+            Err(_) => true,
+        };
+        let m = crate::metrics::metrics();
+        m.tool_calls
+            .with_label_values(&[label, if failed { "error" } else { "ok" }])
+            .inc();
+        m.tool_duration
+            .with_label_values(&[label])
+            .observe(started.elapsed().as_secs_f64());
+        crate::trace::end(span, failed.then_some("the tool failed"));
+        result
     }
 
     async fn list_resources(

@@ -34,6 +34,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{delete, get, post},
 };
+use opentelemetry::trace::FutureExt as _;
 use rmcp::{
     model::{ClientJsonRpcMessage, ClientRequest, ProtocolVersion},
     transport::{StreamableHttpServerConfig, StreamableHttpService},
@@ -97,7 +98,7 @@ pub fn app(node: Arc<Node>) -> Router {
         .route_service("/mcp", mcp)
         .route("/sse", get(legacy::open_stream))
         .route("/messages", post(legacy::post_message))
-        .route_layer(middleware::from_fn_with_state(state.clone(), guard));
+        .route_layer(middleware::from_fn_with_state(state.clone(), observe));
     let operations = Router::new()
         .route("/sessions", get(list_sessions))
         .route("/sessions/{id}", delete(delete_session_route))
@@ -107,9 +108,87 @@ pub fn app(node: Arc<Node>) -> Router {
         ));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(operations)
         .merge(mcp_routes)
         .with_state(state)
+}
+
+/// What a POST's body says, for metrics and traces.
+#[derive(Debug, Default)]
+struct Rpc {
+    /// A bounded label (`crate::metrics::method_label`).
+    method: &'static str,
+    /// The tool, prompt or resource named (client-chosen: traces only, never a label).
+    target: Option<String>,
+}
+
+/// Spans and metrics around [`guard`]: the request runs inside its span's context, so store
+/// round trips and the tool call (through the request's extensions) become its children.
+async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let started = std::time::Instant::now();
+    let cx = crate::trace::request(request.method(), request.uri().path(), request.headers());
+    let post = request.method() == Method::POST;
+    let session = request
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let rpc = Arc::new(std::sync::Mutex::new(Rpc::default()));
+    request.extensions_mut().insert(RpcSlot(rpc.clone()));
+    let response = match &cx {
+        Some(cx) => {
+            request.extensions_mut().insert(cx.clone());
+            guard(State(state), request, next)
+                .with_context(cx.clone())
+                .await
+        }
+        None => guard(State(state), request, next).await,
+    };
+    let status = response.status().as_u16();
+    let rpc = std::mem::take(&mut *rpc.lock().unwrap_or_else(|e| e.into_inner()));
+    if post {
+        let method = if rpc.method.is_empty() {
+            "other"
+        } else {
+            rpc.method
+        };
+        let m = crate::metrics::metrics();
+        m.requests
+            .with_label_values(&[method, &status.to_string()])
+            .inc();
+        m.request_duration
+            .with_label_values(&[method])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    if let Some(cx) = cx {
+        if !rpc.method.is_empty() {
+            crate::trace::describe(&cx, rpc.method, rpc.target.as_deref(), session.as_deref());
+        }
+        crate::trace::finish(&cx, status);
+    }
+    response
+}
+
+/// Where [`guard`] leaves what the body said, for [`observe`].
+#[derive(Clone)]
+struct RpcSlot(Arc<std::sync::Mutex<Rpc>>);
+
+/// The backend's Prometheus metrics (see `metrics.rs`).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let m = crate::metrics::metrics();
+    m.workers.set(state.sessions.local_count().await as i64);
+    let active = tokio::time::timeout(state.node.config.redis_timeout, state.node.store.count())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .map_or(-1, |n| n as i64);
+    m.sessions_active.set(active);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        m.render(),
+    )
+        .into_response()
 }
 
 /// A JSON-RPC error response with an HTTP status (503 also gets `Retry-After`).
@@ -254,13 +333,31 @@ fn session_header(headers: &HeaderMap) -> Result<Option<String>, Response> {
 
 /// Classifies a POST body: `Ok(Some(request id))` for `initialize`, `Ok(None)` for any other
 /// message, or the error response.
-fn check_body(body: &[u8]) -> Result<Option<Value>, Response> {
+fn check_body(body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
     match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
         Ok(ClientJsonRpcMessage::Request(r)) => {
-            Ok(matches!(r.request, ClientRequest::InitializeRequest(_))
-                .then(|| serde_json::to_value(&r.id).unwrap_or(Value::Null)))
+            let target = match &r.request {
+                ClientRequest::CallToolRequest(c) => Some(c.params.name.to_string()),
+                ClientRequest::GetPromptRequest(p) => Some(p.params.name.clone()),
+                ClientRequest::ReadResourceRequest(q) => Some(q.params.uri.clone()),
+                _ => None,
+            };
+            let rpc = Rpc {
+                method: crate::metrics::method_label(r.request.method()),
+                target,
+            };
+            let init = matches!(r.request, ClientRequest::InitializeRequest(_))
+                .then(|| serde_json::to_value(&r.id).unwrap_or(Value::Null));
+            Ok((init, rpc))
         }
-        Ok(_) => Ok(None),
+        Ok(ClientJsonRpcMessage::Notification(_)) => Ok((
+            None,
+            Rpc {
+                method: "notification",
+                target: None,
+            },
+        )),
+        Ok(_) => Ok((None, Rpc::default())),
         Err(e) if e.is_syntax() || e.is_eof() => Err(rpc_error(
             StatusCode::BAD_REQUEST,
             -32700,
@@ -364,7 +461,12 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
         if json_body || !is_mcp {
             match check_body(&bytes) {
-                Ok(init) => initialize = init,
+                Ok((init, rpc)) => {
+                    initialize = init;
+                    if let Some(slot) = parts.extensions.get::<RpcSlot>() {
+                        *slot.0.lock().unwrap_or_else(|e| e.into_inner()) = rpc;
+                    }
+                }
                 Err(r) => return r,
             }
         }
@@ -532,6 +634,10 @@ async fn delete_session(state: &AppState, id: &str, caller: Option<&Caller>) -> 
     match deleted {
         Ok(Access::Granted) => {
             state.sessions.ended(id).await;
+            crate::metrics::metrics()
+                .sessions_ended
+                .with_label_values(&["deleted"])
+                .inc();
             tracing::info!(session = short_id(id), "session deleted");
             StatusCode::OK.into_response()
         }
@@ -795,9 +901,14 @@ mod tests {
     #[test]
     fn bodies_are_classified_as_parse_error_invalid_or_initialize() {
         let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        assert_eq!(check_body(init).ok(), Some(Some(json!(1))));
+        assert_eq!(check_body(init).ok().map(|b| b.0), Some(Some(json!(1))));
+        assert_eq!(
+            check_body(init).ok().map(|b| b.1.method),
+            Some("initialize")
+        );
         let ping = br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
-        assert_eq!(check_body(ping).ok(), Some(None));
+        assert_eq!(check_body(ping).ok().map(|b| b.0), Some(None));
+        assert_eq!(check_body(ping).ok().map(|b| b.1.method), Some("ping"));
         let status = |b: &[u8]| check_body(b).err().map(|r| r.status());
         assert_eq!(status(b"{not json"), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status(br#"{"id":1}"#), Some(StatusCode::BAD_REQUEST));

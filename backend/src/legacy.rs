@@ -224,6 +224,7 @@ pub async fn open_stream(
                     Err(e) => tracing::warn!(error = %e, "undecodable forwarded message"),
                 },
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    crate::metrics::metrics().bus_lagged.inc_by(n);
                     tracing::warn!(lost = n, "legacy forward lagged");
                 }
                 Err(_) => return,

@@ -23,10 +23,12 @@ pub mod conformance;
 pub mod handler;
 pub mod http;
 pub mod legacy;
+pub mod metrics;
 pub mod principal;
 pub mod redis_link;
 pub mod sessions;
 pub mod store;
+pub mod trace;
 
 use axum::serve::ListenerExt;
 use std::{

@@ -3,9 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use backend::config::{FileConfig, LogFormat};
+use backend::config::FileConfig;
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
 
 /// MCP server whose sessions live in Redis, so any replica serves any session.
 #[derive(Debug, Parser)]
@@ -66,18 +65,21 @@ fn main() -> anyhow::Result<()> {
         println!("configuration ok: {shown:#?}");
         return Ok(());
     }
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rmcp=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
+    // Behind the proxy, a request's traceparent is the proxy's: continued by default.
+    let telemetry = telemetry::init(
+        &config.telemetry,
+        "mcp-backend",
+        &config.node_id,
+        true,
+        "info,rmcp=warn",
+    )?;
+    let exporter = std::sync::Arc::new(telemetry.tracing);
+    backend::trace::set(exporter.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -97,7 +99,11 @@ fn main() -> anyhow::Result<()> {
         }
         backend::run(config, listener, shutdown_signal()).await?;
         Ok(())
-    })
+    });
+    // Send the spans and log lines still buffered before leaving.
+    exporter.shutdown();
+    drop(telemetry.logs);
+    result
 }
 
 async fn shutdown_signal() {

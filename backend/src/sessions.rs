@@ -522,6 +522,7 @@ impl ReplicaSessions {
                 let payload = match payload {
                     Ok(p) => p,
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        crate::metrics::metrics().bus_lagged.inc_by(n);
                         tracing::debug!(
                             skipped = n,
                             "standalone stream lagged; re-reading the log"
@@ -573,6 +574,7 @@ async fn deliver_replies(sessions: std::sync::Weak<ReplicaSessions>) {
         let payload = match replies.recv().await {
             Ok(p) => p,
             Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                crate::metrics::metrics().bus_lagged.inc_by(n);
                 tracing::warn!(lost = n, "client replies lagged");
                 continue;
             }
@@ -678,6 +680,7 @@ impl SessionManager for ReplicaSessions {
     async fn create_session(&self) -> Result<(SessionId, Self::Transport), Self::Error> {
         let id: SessionId = uuid::Uuid::new_v4().simple().to_string().into();
         let transport = self.start_local(id.clone()).await?;
+        crate::metrics::metrics().sessions_created.inc();
         Ok((id, transport))
     }
 
@@ -792,7 +795,9 @@ impl SessionManager for ReplicaSessions {
         if self.is_local(&id).await {
             return Ok(RestoreOutcome::AlreadyPresent);
         }
-        Ok(RestoreOutcome::Restored(self.start_local(id).await?))
+        let transport = self.start_local(id).await?;
+        crate::metrics::metrics().sessions_restored.inc();
+        Ok(RestoreOutcome::Restored(transport))
     }
 }
 

@@ -417,11 +417,14 @@ impl ServeHttp for AdminApp {
                     body,
                 )
             }
-            (&Method::GET, ["metrics"]) => reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4",
-                self.shared.metrics.render(),
-            ),
+            (&Method::GET, ["metrics"]) => {
+                self.shared.metrics.refresh(&snapshot);
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.render(),
+                )
+            }
             (&Method::GET, ["admin", "backends"]) => json_reply(StatusCode::OK, self.backends()),
             (&Method::GET, ["admin", "sessions", id]) => {
                 json_reply(StatusCode::OK, self.session(id))

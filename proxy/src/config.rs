@@ -148,6 +148,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub limits: LimitsFile,
     pub pools: Vec<PoolFile>,
+    /// Logs and traces (`telemetry` crate); read at start only, a reload keeps the first.
+    #[serde(default)]
+    pub telemetry: telemetry::TelemetryConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -514,6 +517,7 @@ pub struct Config {
     pub trusted_proxies: Vec<Cidr>,
     pub limits: Limits,
     pub pools: Vec<PoolConfig>,
+    pub telemetry: telemetry::TelemetryConfig,
     /// The file this came from, for reloads; `None` in `--listen/--backend` mode.
     pub source: Option<PathBuf>,
 }
@@ -746,6 +750,7 @@ impl Config {
             }),
             client_address: ClientAddressFile::default(),
             limits: LimitsFile::default(),
+            telemetry: Default::default(),
             pools: vec![PoolFile {
                 name: "default".into(),
                 backends: backends
@@ -856,6 +861,13 @@ impl FileConfig {
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
         };
 
+        if let Err(e) = self.telemetry.validate() {
+            return Err(ConfigError::Invalid {
+                key: e.key,
+                value: e.value,
+                message: e.message,
+            });
+        }
         if self.pools.is_empty() {
             return Err(invalid("pools", "[]", "at least one pool is required"));
         }
@@ -1043,6 +1055,7 @@ impl FileConfig {
                 max_session_pins: l.max_session_pins,
             },
             pools,
+            telemetry: self.telemetry,
             source: None,
         })
     }

@@ -42,6 +42,7 @@ pub mod request;
 pub mod respond;
 pub mod resume;
 pub mod state;
+pub mod trace;
 
 use std::sync::Arc;
 

@@ -71,6 +71,19 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     }
 }
 
+/// This proxy's name in logs and traces: `NODE_ID`, else the host name.
+fn node_id() -> String {
+    std::env::var("NODE_ID")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| "mcp-proxy".to_owned())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match load(&cli) {
@@ -90,16 +103,16 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
-        tracing_subscriber::fmt()
-            .json()
-            .with_env_filter(filter)
-            .init();
-    } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
-    }
+    let node = node_id();
+    // The proxy is the edge: a client's traceparent is linked, not continued, unless
+    // `telemetry.trust_traceparent` says so.
+    let telemetry = match telemetry::init(&config.telemetry, "mcp-proxy", &node, false, "info") {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("mcp-proxy: error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
     let listeners: Vec<String> = config
         .listeners
         .iter()
@@ -110,10 +123,17 @@ fn main() -> ExitCode {
         upgrade: cli.upgrade,
         daemon: cli.daemon,
     };
+    let exporter = std::sync::Arc::new(telemetry.tracing);
     match proxy::server(config, options) {
-        Ok((server, _shared)) => {
-            tracing::info!(listeners = ?listeners, admin = ?admin, "mcp-proxy starting");
-            server.run_forever()
+        Ok((server, shared)) => {
+            shared.set_tracing(exporter.clone());
+            shared.metrics.set_log_drops(telemetry.logs.drops());
+            tracing::info!(listeners = ?listeners, admin = ?admin, node, "mcp-proxy starting");
+            server.run(pingora::server::RunArgs::default());
+            // Send the spans and log lines still buffered before leaving.
+            exporter.shutdown();
+            drop(telemetry.logs);
+            ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("mcp-proxy: error: {e}");

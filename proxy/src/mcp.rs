@@ -57,6 +57,9 @@ pub struct Peek {
     pub batch: bool,
     /// The tool of a `tools/call` (its `params.name`).
     pub tool: Option<String>,
+    /// What the request names, for traces: the tool or prompt (`params.name`) or the resource
+    /// (`params.uri`). Client-chosen: never a metrics label.
+    pub target: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -73,6 +76,8 @@ struct Message<'a> {
 struct Params<'a> {
     #[serde(borrow, default)]
     name: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default)]
+    uri: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// Reads the method and id of a POST body. Bodies that are not JSON-RPC give an empty
@@ -86,18 +91,35 @@ pub fn peek(body: &[u8]) -> Peek {
         };
     }
     match serde_json::from_slice::<Message>(body) {
-        Ok(m) => Peek {
-            tool: m
-                .params
-                .and_then(|p| p.name)
-                .filter(|_| m.method.as_deref() == Some("tools/call"))
-                .map(|n| n.into_owned()),
-            method: m.method.map(|m| m.into_owned()),
-            id: m.id,
-            batch: false,
-        },
+        Ok(m) => {
+            let method = m.method.as_deref();
+            let (name, uri) = m.params.map_or((None, None), |p| (p.name, p.uri));
+            let target = match method {
+                Some("tools/call" | "prompts/get") => name.as_deref(),
+                Some(m) if m.starts_with("resources/") => uri.as_deref(),
+                _ => None,
+            };
+            Peek {
+                target: target.map(|t| truncate(t, 256).to_owned()),
+                tool: name
+                    .filter(|_| method == Some("tools/call"))
+                    .map(|n| n.into_owned()),
+                method: m.method.map(|m| m.into_owned()),
+                id: m.id,
+                batch: false,
+            }
+        }
         Err(_) => Peek::default(),
     }
+}
+
+/// At most `max` bytes of `s`, cut on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// A bounded label for metrics: known MCP methods as themselves, anything else "other".

@@ -1,9 +1,20 @@
 //! Prometheus metrics, served on the admin listener at `/metrics`. Label values are bounded:
 //! pools and backends come from the config, methods from [`crate::mcp::method_label`].
 
+use std::sync::OnceLock;
+use std::sync::atomic::Ordering;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::state::Snapshot;
+
+/// Latency buckets, in seconds, from half a millisecond to a minute.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
 
 #[derive(Debug)]
 pub struct Metrics {
@@ -28,6 +39,23 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Requests refused by a limit (429), by pool and limit (`rate`, `concurrency`, `streams`).
     pub limited: IntCounterVec,
+    /// Time from choosing a backend to the end of its answer, POSTs only (streams last as
+    /// long as the client wants), by pool and backend.
+    pub backend_duration: HistogramVec,
+    /// Requests and streams open on each backend (set at scrape time).
+    pub backend_in_flight: IntGaugeVec,
+    /// 1 while a backend drains (set at scrape time).
+    pub backend_draining: IntGaugeVec,
+    /// 1 while outlier detection ejects a backend (set at scrape time).
+    pub backend_ejected: IntGaugeVec,
+    /// Sessions that ended through the proxy: `deleted` (DELETE) or `gone` (404 from the backend).
+    pub sessions_ended: IntCounterVec,
+    /// Requests of a known session sent to another backend than its pin (the pinned one was
+    /// down, draining or full), by pool.
+    pub handoffs: IntCounterVec,
+    /// Log lines dropped because stdout could not keep up.
+    pub log_lines_dropped: IntCounter,
+    log_drops: OnceLock<telemetry::LogDrops>,
 }
 
 impl Metrics {
@@ -42,11 +70,45 @@ impl Metrics {
                 "mcp_proxy_request_duration_seconds",
                 "Time from request to the end of the response",
             )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
-                60.0,
-            ]),
+            .buckets(BUCKETS.to_vec()),
             &["pool", "method"],
+        )?;
+        let backend_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "mcp_proxy_backend_request_duration_seconds",
+                "Time from choosing a backend to the end of its answer (POSTs)",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["pool", "backend"],
+        )?;
+        let gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["pool", "backend"]);
+        let backend_in_flight = gauge(
+            "mcp_proxy_backend_in_flight",
+            "Requests and streams open on the backend",
+        )?;
+        let backend_draining = gauge("mcp_proxy_backend_draining", "1 while the backend drains")?;
+        let backend_ejected = gauge(
+            "mcp_proxy_backend_ejected",
+            "1 while outlier detection ejects the backend",
+        )?;
+        let sessions_ended = IntCounterVec::new(
+            Opts::new(
+                "mcp_proxy_sessions_ended_total",
+                "Sessions ended through the proxy (deleted, or gone on the backend)",
+            ),
+            &["pool", "reason"],
+        )?;
+        let handoffs = IntCounterVec::new(
+            Opts::new(
+                "mcp_proxy_session_handoffs_total",
+                "Requests of a pinned session sent to another backend",
+            ),
+            &["pool"],
+        )?;
+        let log_lines_dropped = IntCounter::new(
+            "mcp_proxy_log_lines_dropped_total",
+            "Log lines dropped because stdout could not keep up",
         )?;
         let sse_streams = IntGaugeVec::new(
             Opts::new("mcp_proxy_sse_streams_active", "Open SSE streams"),
@@ -102,6 +164,13 @@ impl Metrics {
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(health_transitions.clone()))?;
         registry.register(Box::new(backend_up.clone()))?;
+        registry.register(Box::new(backend_duration.clone()))?;
+        registry.register(Box::new(backend_in_flight.clone()))?;
+        registry.register(Box::new(backend_draining.clone()))?;
+        registry.register(Box::new(backend_ejected.clone()))?;
+        registry.register(Box::new(sessions_ended.clone()))?;
+        registry.register(Box::new(handoffs.clone()))?;
+        registry.register(Box::new(log_lines_dropped.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -114,7 +183,48 @@ impl Metrics {
             backend_up,
             auth_failures,
             limited,
+            backend_duration,
+            backend_in_flight,
+            backend_draining,
+            backend_ejected,
+            sessions_ended,
+            handoffs,
+            log_lines_dropped,
+            log_drops: OnceLock::new(),
         })
+    }
+
+    /// Counts the log lines the writer drops (set once at start).
+    pub fn set_log_drops(&self, drops: telemetry::LogDrops) {
+        let _ = self.log_drops.set(drops);
+    }
+
+    /// Sets the gauges read from live state, just before a scrape. Backends removed since
+    /// the last scrape lose their series.
+    pub fn refresh(&self, snapshot: &Snapshot) {
+        self.backend_in_flight.reset();
+        self.backend_draining.reset();
+        self.backend_ejected.reset();
+        let now = crate::outlier::now_ms();
+        for p in &snapshot.pools {
+            for b in &p.backends {
+                let labels = [p.config.name.as_str(), b.name.as_str()];
+                self.backend_in_flight
+                    .with_label_values(&labels)
+                    .set(b.active.load(Ordering::Relaxed));
+                self.backend_draining
+                    .with_label_values(&labels)
+                    .set(i64::from(b.draining()));
+                self.backend_ejected
+                    .with_label_values(&labels)
+                    .set(i64::from(b.outlier.ejected(now)));
+            }
+        }
+        if let Some(d) = self.log_drops.get() {
+            let seen = self.log_lines_dropped.get();
+            self.log_lines_dropped
+                .inc_by(d.count().saturating_sub(seen));
+        }
     }
 
     /// The text exposition format.

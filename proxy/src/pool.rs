@@ -388,10 +388,23 @@ impl Pool {
     /// Weighted rendezvous hashing of `key` over the backends that can take a request,
     /// skipping `exclude`.
     pub fn hash(&self, key: &[u8], exclude: &[usize]) -> Pick {
+        self.rendezvous(key, |i| self.can_take(i) && !exclude.contains(&i))
+    }
+
+    /// The backend `key` hashes to when every backend is up: its home. A request served
+    /// elsewhere is a handoff.
+    pub fn home(&self, key: &[u8]) -> Option<usize> {
+        match self.rendezvous(key, |_| true) {
+            Pick::Backend(i) => Some(i),
+            Pick::NoneAvailable => None,
+        }
+    }
+
+    fn rendezvous(&self, key: &[u8], eligible: impl Fn(usize) -> bool) -> Pick {
         let k = hash64(key);
         let mut best: Option<(f64, usize)> = None;
         for (i, b) in self.backends.iter().enumerate() {
-            if !self.can_take(i) || exclude.contains(&i) {
+            if !eligible(i) {
                 continue;
             }
             let score = rendezvous_score(k, b.seed, self.weights[i]);

@@ -104,6 +104,10 @@ pub struct Ctx {
     pub(crate) answered: bool,
     /// A `tools/list` answer being read for its tool annotations.
     pub(crate) tools_list: Option<BytesMut>,
+    /// The request's spans, when traces are on.
+    pub(crate) trace: Option<crate::trace::Trace>,
+    /// When the current attempt's backend was chosen.
+    pub(crate) attempt_start: Option<Instant>,
 }
 
 impl McpProxy {
@@ -135,9 +139,11 @@ impl McpProxy {
                 .get(&pin_key(ctx.principal.as_ref(), sid))
             && pin.pool == pool.config.name
             && let Some(i) = pool.find(&pin.backend)
-            && usable(i)
         {
-            return Ok(i);
+            if usable(i) {
+                return Ok(i);
+            }
+            self.handoff(pool);
         }
 
         let mut policy = match ctx.kind {
@@ -156,7 +162,15 @@ impl McpProxy {
                 None => pool.round_robin(exclude),
             },
             Policy::SessionHash => match &ctx.session {
-                Some(s) => pool.hash(s.as_bytes(), exclude),
+                Some(s) => {
+                    let pick = pool.hash(s.as_bytes(), exclude);
+                    if let Pick::Backend(i) = pick
+                        && pool.home(s.as_bytes()) != Some(i)
+                    {
+                        self.handoff(pool);
+                    }
+                    pick
+                }
                 None => pool.round_robin(exclude),
             },
             Policy::Header => match session.req_header().headers.get(&r.header_name) {
@@ -164,12 +178,13 @@ impl McpProxy {
                 None => pool.round_robin(exclude),
             },
             Policy::Cookie => {
-                let named = cookie(session, &r.cookie_name)
-                    .and_then(|v| pool.find(v))
-                    .filter(|i| pool.backends[*i].available() && usable(*i));
-                match named {
+                let named = cookie(session, &r.cookie_name).and_then(|v| pool.find(v));
+                match named.filter(|i| pool.backends[*i].available() && usable(*i)) {
                     Some(i) => Pick::Backend(i),
                     None => {
+                        if named.is_some() {
+                            self.handoff(pool);
+                        }
                         ctx.set_cookie = true;
                         pool.round_robin(exclude)
                     }
@@ -207,6 +222,15 @@ impl McpProxy {
             Pick::Backend(i) => Ok(i),
             Pick::NoneAvailable => Err(Failure::NoneAvailable),
         }
+    }
+
+    /// Counts a request sent away from the backend its session or cookie names.
+    fn handoff(&self, pool: &Pool) {
+        self.shared
+            .metrics
+            .handoffs
+            .with_label_values(&[&pool.config.name])
+            .inc();
     }
 
     pub(crate) fn release(&self, ctx: &mut Ctx) {
@@ -260,7 +284,25 @@ impl McpProxy {
             "X-Forwarded-Proto",
             if self.tls { "https" } else { "http" }.to_owned(),
         ));
+        if let Some(t) = &ctx.trace {
+            // The backend continues the proxy's trace, never the client's directly.
+            remove.push(http::HeaderName::from_static("tracestate"));
+            set.extend(t.upstream_headers());
+        }
         UpstreamEdits { remove, set }
+    }
+
+    /// Counts a recovery step (`connect`, `safe_method`, `stream_resume`, `post_resume`,
+    /// `post_repeat`, `post_cut`) and marks it on the request's trace.
+    pub(crate) fn retried(&self, ctx: &Ctx, pool: &str, reason: &'static str) {
+        self.shared
+            .metrics
+            .retries
+            .with_label_values(&[pool, reason])
+            .inc();
+        if let Some(t) = &ctx.trace {
+            t.event(reason, Vec::new());
+        }
     }
 
     /// Feeds outlier detection; an ejection is counted like a health transition.
@@ -538,6 +580,8 @@ impl ProxyHttp for McpProxy {
             post: None,
             answered: false,
             tools_list: None,
+            trace: None,
+            attempt_start: None,
         }
     }
 
@@ -628,6 +672,7 @@ impl ProxyHttp for McpProxy {
                 )
                 .await;
         };
+        ctx.trace = crate::trace::Trace::start(&self.shared, req);
         let pool = snapshot.pools[entry.pool].clone();
         ctx.pool = Some(pool.clone());
         ctx.prefix = entry.prefix.clone();
@@ -817,6 +862,10 @@ impl ProxyHttp for McpProxy {
         b.requests.fetch_add(1, Ordering::Relaxed);
         b.active.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
+        ctx.attempt_start = Some(Instant::now());
+        if let Some(t) = ctx.trace.as_mut() {
+            t.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
+        }
 
         let t = &pool.config.timeouts;
         let mut peer = HttpPeer::new(b.address, false, String::new());
@@ -885,12 +934,11 @@ impl ProxyHttp for McpProxy {
         // The request never reached a backend: always safe to send elsewhere.
         let retry = self.may_retry(ctx, &pool);
         e.set_retry(retry);
+        if let Some(t) = ctx.trace.as_mut() {
+            t.attempt_failed(&e.to_string());
+        }
         if retry {
-            self.shared
-                .metrics
-                .retries
-                .with_label_values(&[&pool.config.name, "connect"])
-                .inc();
+            self.retried(ctx, &pool.config.name, "connect");
         }
         e
     }
@@ -947,6 +995,9 @@ impl ProxyHttp for McpProxy {
             && !session.as_ref().retry_buffer_truncated()
             && self.may_retry(ctx, &pool);
         e.set_retry(retry);
+        if let Some(t) = ctx.trace.as_mut() {
+            t.attempt_failed(&e.to_string());
+        }
         if retry {
             self.release(ctx);
             if let Some(i) = ctx.backend
@@ -954,11 +1005,7 @@ impl ProxyHttp for McpProxy {
             {
                 ctx.tried.push(i);
             }
-            self.shared
-                .metrics
-                .retries
-                .with_label_values(&[&pool.config.name, "safe_method"])
-                .inc();
+            self.retried(ctx, &pool.config.name, "safe_method");
         }
         e
     }
@@ -974,6 +1021,9 @@ impl ProxyHttp for McpProxy {
         }
         ctx.response_started = true;
         ctx.status = resp.status.as_u16();
+        if let Some(t) = &ctx.trace {
+            t.response(ctx.status);
+        }
         let (Some(pool), Some(i)) = (ctx.pool.clone(), ctx.backend) else {
             return Ok(());
         };
@@ -1025,14 +1075,22 @@ impl ProxyHttp for McpProxy {
                 );
             }
         }
+        let deleted =
+            session.req_header().method == http::Method::DELETE && resp.status.is_success();
         if let Some(sid) = &ctx.session
-            && r.uses(Policy::Persistence)
-            && ((session.req_header().method == http::Method::DELETE && resp.status.is_success())
-                || resp.status == http::StatusCode::NOT_FOUND)
+            && (deleted || resp.status == http::StatusCode::NOT_FOUND)
         {
+            let reason = if deleted { "deleted" } else { "gone" };
             self.shared
-                .sessions
-                .remove(&pin_key(ctx.principal.as_ref(), sid));
+                .metrics
+                .sessions_ended
+                .with_label_values(&[name, reason])
+                .inc();
+            if r.uses(Policy::Persistence) {
+                self.shared
+                    .sessions
+                    .remove(&pin_key(ctx.principal.as_ref(), sid));
+            }
         }
         if ctx.set_cookie {
             resp.append_header(
@@ -1186,9 +1244,34 @@ impl ProxyHttp for McpProxy {
         m.duration
             .with_label_values(&[name, method])
             .observe(elapsed.as_secs_f64());
-        if ctx.first.is_some() && ctx.first != ctx.backend {
+        if let (Some(t), Kind::Post | Kind::LegacyMessage, true) =
+            (ctx.attempt_start, ctx.kind, ctx.response_started)
+        {
+            m.backend_duration
+                .with_label_values(&[name, backend])
+                .observe(t.elapsed().as_secs_f64());
+        }
+        let failover = match (ctx.first, ctx.backend) {
+            (Some(f), Some(b)) if f != b => Some((
+                pool.backends[f].name.as_str(),
+                pool.backends[b].name.as_str(),
+            )),
+            _ => None,
+        };
+        if failover.is_some() {
             m.failovers.with_label_values(&[name]).inc();
         }
+        let error = e.map(|e| e.to_string());
+        let trace_id = ctx.trace.as_mut().and_then(|t| {
+            t.describe(
+                &ctx.peek,
+                name,
+                ctx.session.as_deref(),
+                ctx.principal.as_ref().map(|p| p.name.as_str()),
+            );
+            t.finish(status, error.as_deref(), failover);
+            t.id()
+        });
         if ctx
             .snapshot
             .as_ref()
@@ -1208,7 +1291,8 @@ impl ProxyHttp for McpProxy {
                 principal = ctx.principal.as_ref().map_or("-", Principal::short),
                 attempts = ctx.attempts,
                 duration_ms = elapsed.as_secs_f64() * 1000.0,
-                error = %e.map_or_else(String::new, |e| e.to_string()),
+                error = error.as_deref().unwrap_or(""),
+                trace_id = trace_id.as_deref().unwrap_or("-"),
                 "request"
             );
         }

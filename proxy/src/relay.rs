@@ -314,11 +314,7 @@ impl McpProxy {
                 Ended::Upstream { delivered } => {
                     self.release(ctx);
                     cursor.discard_partial();
-                    self.shared
-                        .metrics
-                        .retries
-                        .with_label_values(&[&pool.config.name, "stream_resume"])
-                        .inc();
+                    self.retried(ctx, &pool.config.name, "stream_resume");
                     ctx.tried = vec![i];
                     if delivered {
                         idle_attempts = 0;
@@ -347,6 +343,9 @@ impl McpProxy {
         b.requests.fetch_add(1, Ordering::Relaxed);
         b.active.fetch_add(1, Ordering::Relaxed);
         ctx.counted = true;
+        if let Some(t) = ctx.trace.as_mut() {
+            t.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
+        }
     }
 
     /// Writes the stream's response head, once, from the first backend's.

@@ -100,7 +100,7 @@ impl McpProxy {
         {
             outcome = self.resume_answer(session, ctx, &pool, &last).await;
             if !matches!(outcome, Pumped::Unanswered) {
-                self.count_recovery(&name, "post_resume");
+                self.retried(ctx, &name, "post_resume");
             }
         }
         if matches!(outcome, Pumped::Unanswered)
@@ -110,7 +110,7 @@ impl McpProxy {
         {
             outcome = self.repeat_post(session, ctx, &pool, body).await;
             if !matches!(outcome, Pumped::Unanswered) {
-                self.count_recovery(&name, "post_repeat");
+                self.retried(ctx, &name, "post_repeat");
             }
         }
         match outcome {
@@ -132,22 +132,10 @@ impl McpProxy {
                 let _ = session
                     .write_response_body(Some(event(body.to_string().as_bytes())), false)
                     .await;
-                self.shared
-                    .metrics
-                    .retries
-                    .with_label_values(&[&name, "post_cut"])
-                    .inc();
+                self.retried(ctx, &name, "post_cut");
             }
         }
         let _ = session.write_response_body(None, true).await;
-    }
-
-    fn count_recovery(&self, pool: &str, reason: &str) {
-        self.shared
-            .metrics
-            .retries
-            .with_label_values(&[pool, reason])
-            .inc();
     }
 
     /// Replays the rest of this POST's stream from another backend (`Last-Event-ID: last`).
@@ -162,6 +150,10 @@ impl McpProxy {
             return Pumped::Unanswered;
         };
         let b = &pool.backends[i];
+        ctx.attempts += 1;
+        if let Some(tr) = ctx.trace.as_mut() {
+            tr.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
+        }
         let headers = self.relay_headers(session, ctx, Some(last));
         let url = format!("http://{}{}", b.address, pool.config.mcp_path);
         let request = self.shared.relay_client.get(url).headers(headers);
@@ -180,6 +172,10 @@ impl McpProxy {
             return Pumped::Unanswered;
         };
         let b = &pool.backends[i];
+        ctx.attempts += 1;
+        if let Some(tr) = ctx.trace.as_mut() {
+            tr.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
+        }
         let headers = self.relay_headers(session, ctx, None);
         let url = format!("http://{}{}", b.address, pool.config.mcp_path);
         let request = self
@@ -207,6 +203,7 @@ impl McpProxy {
         ctx.tried.push(i);
         b.requests.fetch_add(1, Ordering::Relaxed);
         b.active.fetch_add(1, Ordering::Relaxed);
+
         let outcome = async {
             let Ok(Ok(response)) = tokio::time::timeout(t.connect + t.read, request.send()).await
             else {

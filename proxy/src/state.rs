@@ -58,6 +58,8 @@ pub struct Shared {
     base: Mutex<Config>,
     dynamic: Mutex<crate::discovery::Dynamic>,
     reload_lock: Mutex<()>,
+    /// Trace export, set once at start ([`crate::server`]); unset means traces are off.
+    tracing: std::sync::OnceLock<Arc<telemetry::Tracing>>,
 }
 
 impl Shared {
@@ -79,9 +81,22 @@ impl Shared {
             base,
             dynamic: Mutex::default(),
             reload_lock: Mutex::new(()),
+            tracing: std::sync::OnceLock::new(),
         });
         shared.publish_health();
         Ok(shared)
+    }
+
+    /// Turns traces on (once, at start).
+    pub fn set_tracing(&self, tracing: Arc<telemetry::Tracing>) {
+        if tracing.enabled() {
+            let _ = self.tracing.set(tracing);
+        }
+    }
+
+    /// The trace exporter, when traces are on.
+    pub fn tracing(&self) -> Option<&telemetry::Tracing> {
+        self.tracing.get().map(|t| &**t)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {

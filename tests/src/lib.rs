@@ -12,6 +12,7 @@
 pub mod capture;
 pub mod dns;
 pub mod idp;
+pub mod otlp;
 pub mod redis_deploy;
 
 use std::{
@@ -479,10 +480,15 @@ impl Proxy {
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .arg("-c")
             .arg(self.config_path())
+            // The log (tracing writes to stdout) goes to a file the test can read.
             .stdout(if std::env::var_os("TEST_PROXY_LOG").is_some() {
                 Stdio::inherit()
             } else {
-                Stdio::null()
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.dir.0.join("output.log"))
+                    .map_or_else(|_| Stdio::null(), Stdio::from)
             })
             .stderr(Stdio::inherit())
             .kill_on_drop(true);
@@ -493,6 +499,11 @@ impl Proxy {
 
     pub fn base(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// What the process logged so far (warnings and up, unless its `RUST_LOG` says more).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("output.log")).unwrap_or_default()
     }
 
     pub fn mcp(&self) -> String {

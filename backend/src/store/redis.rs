@@ -196,7 +196,21 @@ impl RedisEngine {
         })
     }
 
-    async fn timed<T>(&self, f: impl Future<Output = ::redis::RedisResult<T>>) -> StoreResult<T> {
+    /// One round trip, `op` naming it in metrics and traces, bounded by the Redis timeout.
+    async fn timed<T>(
+        &self,
+        op: &'static str,
+        f: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> StoreResult<T> {
+        let span = crate::trace::child(
+            None,
+            format!("redis {op}"),
+            vec![
+                opentelemetry::KeyValue::new("db.system.name", "redis"),
+                opentelemetry::KeyValue::new("db.operation.name", op),
+            ],
+        );
+        let started = std::time::Instant::now();
         let result = match tokio::time::timeout(self.timeout, f).await {
             Ok(r) => r.map_err(StoreError::from),
             Err(_) => Err(StoreError::Unavailable(format!(
@@ -204,8 +218,16 @@ impl RedisEngine {
                 self.timeout.as_millis()
             ))),
         };
-        if result.is_err() {
+        let m = crate::metrics::metrics();
+        m.store_duration
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
             note_failure();
+            m.store_errors.with_label_values(&[op]).inc();
+            crate::trace::end(span, Some(&e.to_string()));
+        } else {
+            crate::trace::end(span, None);
         }
         result
     }
@@ -307,13 +329,17 @@ impl RedisEngine {
         let mut c2 = c.clone();
         let index = self.index_key();
         let owner_key = self.owner_key(owner);
-        let (a, b) = tokio::join!(self.timed(c.zrem::<_, _, ()>(&index, id)), async {
-            if owner.is_empty() {
-                Ok(())
-            } else {
-                self.timed(c2.zrem::<_, _, ()>(&owner_key, id)).await
+        let (a, b) = tokio::join!(
+            self.timed("unindex", c.zrem::<_, _, ()>(&index, id)),
+            async {
+                if owner.is_empty() {
+                    Ok(())
+                } else {
+                    self.timed("unindex", c2.zrem::<_, _, ()>(&owner_key, id))
+                        .await
+                }
             }
-        });
+        );
         if let Err(e) = a.and(b) {
             tracing::debug!(error = %e, "index entry left to be pruned");
         }
@@ -357,7 +383,9 @@ impl Engine for RedisEngine {
 
     async fn ping(&self) -> StoreResult<()> {
         let mut c = self.conn()?;
-        let _: String = self.timed(::redis::cmd("PING").query_async(&mut c)).await?;
+        let _: String = self
+            .timed("ping", ::redis::cmd("PING").query_async(&mut c))
+            .await?;
         Ok(())
     }
 
@@ -378,7 +406,7 @@ impl Engine for RedisEngine {
         if !must_exist {
             inv.arg("ix").arg(now_ms());
         }
-        let written: i64 = self.timed(inv.invoke_async(&mut c)).await?;
+        let written: i64 = self.timed("create", inv.invoke_async(&mut c)).await?;
         if written == 1 && !must_exist {
             self.reindex(id, "").await?;
         }
@@ -395,7 +423,7 @@ impl Engine for RedisEngine {
             .arg(owner)
             .arg(if want_init { "1" } else { "" })
             .arg(self.settings.index_every_ms());
-        let reply: Vec<Value> = self.timed(inv.invoke_async(&mut c)).await?;
+        let reply: Vec<Value> = self.timed("touch", inv.invoke_async(&mut c)).await?;
         let access = access(int(reply.first()));
         if access == Access::Granted && int(reply.get(1)) == 1 {
             // Off the request path; a refresh that fails is retried a quarter TTL later, and
@@ -424,7 +452,7 @@ impl Engine for RedisEngine {
             .zcard(&key)
             .zrange_withscores(&key, 0, 0);
         let (count, oldest): (u64, Vec<(String, f64)>) =
-            self.timed(pipe.query_async(&mut c)).await?;
+            self.timed("admit", pipe.query_async(&mut c)).await?;
         Ok(if count >= limit {
             let score = oldest.first().map_or(now, |(_, score)| *score as u64);
             Admission::Full {
@@ -447,7 +475,7 @@ impl Engine for RedisEngine {
                 .arg(id)
                 .arg(now + life)
                 .arg(life);
-            let reply: Vec<i64> = self.timed(inv.invoke_async(&mut c)).await?;
+            let reply: Vec<i64> = self.timed("claim", inv.invoke_async(&mut c)).await?;
             if let [2, score] = reply.as_slice() {
                 return Ok(Admission::Full {
                     retry_after: self.until_expiry(u64::try_from(*score).unwrap_or(now), now),
@@ -464,7 +492,7 @@ impl Engine for RedisEngine {
             })
             .arg(now)
             .arg(self.settings.ttl_ms());
-        let bound: i64 = self.timed(inv.invoke_async(&mut c)).await?;
+        let bound: i64 = self.timed("bind", inv.invoke_async(&mut c)).await?;
         if bound == 0 {
             self.unindex(id, owner).await;
             return Ok(Admission::Missing);
@@ -482,7 +510,7 @@ impl Engine for RedisEngine {
             .key(self.log_key(id))
             .arg(if caller.is_some() { "1" } else { "" })
             .arg(caller.unwrap_or_default());
-        let reply: Vec<Value> = self.timed(inv.invoke_async(&mut c)).await?;
+        let reply: Vec<Value> = self.timed("delete", inv.invoke_async(&mut c)).await?;
         let access = access(int(reply.first()));
         match access {
             Access::Granted => {
@@ -507,7 +535,7 @@ impl Engine for RedisEngine {
             FieldOp::Subscribe(f, max) => inv.arg("sub").arg(f).arg(max),
             FieldOp::Unsubscribe(f) => inv.arg("unsub").arg(f),
         };
-        let reply: Vec<Value> = self.timed(inv.invoke_async(&mut c)).await?;
+        let reply: Vec<Value> = self.timed("field", inv.invoke_async(&mut c)).await?;
         if int(reply.first()) != 1 {
             return Ok(FieldReply::Gone);
         }
@@ -521,7 +549,7 @@ impl Engine for RedisEngine {
 
     async fn record(&self, id: &str) -> StoreResult<HashMap<String, String>> {
         let mut c = self.conn()?;
-        self.timed(c.hgetall(self.record_key(id))).await
+        self.timed("record", c.hgetall(self.record_key(id))).await
     }
 
     async fn list(&self, limit: usize) -> StoreResult<Vec<(String, HashMap<String, String>)>> {
@@ -529,14 +557,17 @@ impl Engine for RedisEngine {
         let index = self.index_key();
         let min = now_ms().saturating_sub(self.index_life_ms());
         let ids: Vec<String> = self
-            .timed(c.zrevrangebyscore_limit(&index, "+inf", min, 0, limit as isize))
+            .timed(
+                "list",
+                c.zrevrangebyscore_limit(&index, "+inf", min, 0, limit as isize),
+            )
             .await?;
         // One command per record, sent together: on a cluster they go to different nodes.
         let records = futures::future::join_all(ids.iter().map(|id| {
             let mut c = c.clone();
             let key = self.record_key(id);
             async move {
-                self.timed(c.hgetall::<_, HashMap<String, String>>(key))
+                self.timed("list", c.hgetall::<_, HashMap<String, String>>(key))
                     .await
             }
         }))
@@ -556,7 +587,8 @@ impl Engine for RedisEngine {
     async fn count(&self) -> StoreResult<u64> {
         let mut c = self.conn()?;
         let min = now_ms().saturating_sub(self.index_life_ms());
-        self.timed(c.zcount(self.index_key(), min, "+inf")).await
+        self.timed("count", c.zcount(self.index_key(), min, "+inf"))
+            .await
     }
 
     async fn append(
@@ -580,7 +612,7 @@ impl Engine for RedisEngine {
                 String::new()
             })
             .arg(self.settings.ttl_ms());
-        self.timed(inv.invoke_async(&mut c)).await
+        self.timed("append", inv.invoke_async(&mut c)).await
     }
 
     async fn events_after(
@@ -593,6 +625,7 @@ impl Engine for RedisEngine {
         let start = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
         let rows: Vec<(String, Vec<String>)> = self
             .timed(
+                "events_after",
                 ::redis::cmd("XRANGE")
                     .arg(self.log_key(session))
                     .arg(start)
@@ -621,6 +654,7 @@ impl Engine for RedisEngine {
         let mut c = self.conn()?;
         let rows: Vec<(String, Vec<String>)> = self
             .timed(
+                "log_tail",
                 ::redis::cmd("XREVRANGE")
                     .arg(self.log_key(session))
                     .arg("+")
@@ -635,8 +669,11 @@ impl Engine for RedisEngine {
 
     async fn publish(&self, topic: &str, payload: &str) -> StoreResult<()> {
         let mut c = self.conn()?;
-        self.timed(c.publish::<_, _, ()>(Self::channel(&self.settings.prefix, topic), payload))
-            .await
+        self.timed(
+            "publish",
+            c.publish::<_, _, ()>(Self::channel(&self.settings.prefix, topic), payload),
+        )
+        .await
     }
 }
 

@@ -1,0 +1,45 @@
+//! Logs and OpenTelemetry traces for `mcp-proxy` and `mcp-backend`: one setup for both.
+//!
+//! # Layout
+//! - [`config`]: the `telemetry:` section of both config files, and the `OTEL_*` variables.
+//! - [`logs`]: the log subscriber: text or JSON lines with the node id and trace id, written by
+//!   a background thread so a slow stdout never blocks a request.
+//! - [`traces`]: the OTLP exporter (HTTP or gRPC), sampling, and W3C `traceparent` in and out.
+
+pub mod config;
+pub mod logs;
+pub mod traces;
+
+pub use config::{Invalid, LogFormat, Protocol, TelemetryConfig};
+pub use logs::LogDrops;
+pub use traces::Tracing;
+
+/// What [`init`] set up. At shutdown call `tracing.shutdown()` and drop `logs`: both send
+/// what they still hold.
+#[derive(Debug)]
+pub struct Telemetry {
+    pub tracing: Tracing,
+    pub logs: logs::Guard,
+}
+
+/// Sets up logs and (when configured) trace export for `service` on node `node`. Call once, at
+/// start; `RUST_LOG` overrides the configured level. `trust_traceparent` is the default for
+/// `telemetry.trust_traceparent`: whether a caller's `traceparent` is a parent or a link;
+/// `log_level` the filter when neither `RUST_LOG` nor `telemetry.log_level` is set.
+pub fn init(
+    config: &TelemetryConfig,
+    service: &'static str,
+    node: &str,
+    trust_traceparent: bool,
+    log_level: &str,
+) -> anyhow::Result<Telemetry> {
+    let tracing = traces::Tracing::new(config, service, node, trust_traceparent)?;
+    let logs = logs::init(config, node, log_level)?;
+    if tracing.enabled() {
+        ::tracing::info!(
+            endpoint = %tracing.endpoint(),
+            "exporting traces over OTLP"
+        );
+    }
+    Ok(Telemetry { tracing, logs })
+}

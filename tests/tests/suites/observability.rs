@@ -1,0 +1,300 @@
+//! Issue 11: see everything. Real proxy and backends export OpenTelemetry spans to an OTLP
+//! receiver built on the official protobuf definitions (`tests::otlp`); both `/metrics`
+//! endpoints are scraped after a scripted scenario.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tests::otlp::{Collector, Span};
+use tests::{Backend, McpClient, Proxy, Redis};
+
+const WAIT: Duration = Duration::from_secs(15);
+const CLIENT_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
+
+/// Backends exporting to `collector` over `protocol` (batches sent every 100 ms).
+async fn traced_backends(
+    redis: &Redis,
+    names: &[&str],
+    collector: &Collector,
+    protocol: &str,
+) -> Vec<Backend> {
+    let endpoint = collector.endpoint();
+    let mut out = Vec::new();
+    for n in names {
+        let envs = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ];
+        out.push(
+            Backend::start_with(n, Some(&redis.url()), &[], &envs)
+                .await
+                .expect("backend"),
+        );
+    }
+    out
+}
+
+/// A proxy over `backends` (shared sessions, round robin) exporting to `collector`. Health
+/// checks are slow on purpose: a killed backend stays in rotation, so requests fail over.
+async fn traced_proxy(backends: &[&Backend], collector: &Collector, telemetry: &str) -> Proxy {
+    let list: String = backends
+        .iter()
+        .map(|b| format!("      - {{address: \"{}\"}}\n", b.address()))
+        .collect();
+    let endpoint = collector.endpoint();
+    Proxy::start_custom_env(
+        |p| {
+            format!(
+                "{server}listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin}\ntelemetry:\n  otlp_endpoint: {endpoint}\n{telemetry}pools:\n  - name: mcp\n    shared_sessions: true\n    backends:\n{list}    health_check: {{interval_ms: 60000, timeout_ms: 500}}\n",
+                server = p.server_yaml(),
+                port = p.port,
+                admin = p.admin_port,
+            )
+        },
+        &[("OTEL_BSP_SCHEDULE_DELAY", "100"), ("RUST_LOG", "info")],
+    )
+    .await
+    .expect("proxy")
+}
+
+/// A client whose requests carry the caller's own `traceparent`.
+fn traced_client() -> McpClient {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        "traceparent",
+        format!("00-{CLIENT_TRACE}-b7ad6b7169203331-01")
+            .parse()
+            .expect("header"),
+    );
+    let mut c = McpClient::new();
+    c.http = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .expect("client");
+    c
+}
+
+fn children<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .filter(|s| s.parent == parent.span_id && s.trace_id == parent.trace_id)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_request_is_one_trace_from_proxy_to_redis_and_failover_is_a_second_attempt() {
+    let collector = Collector::start().await.expect("collector");
+    let redis = Redis::start(false).await.expect("redis");
+    let mut backends = traced_backends(&redis, &["a", "b"], &collector, "http/protobuf").await;
+    let proxy = traced_proxy(&[&backends[0], &backends[1]], &collector, "").await;
+
+    let mut client = traced_client();
+    client
+        .initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    let session = client.session.clone().expect("session id");
+    let text = client
+        .tool(&proxy.mcp(), 2, "echo", json!({"message": "traced"}))
+        .await
+        .expect("echo");
+    assert!(text.to_string().contains("traced"), "{text}");
+
+    let is_call = |s: &Span| s.service == "mcp-proxy" && s.name == "tools/call echo";
+    let spans = collector
+        .wait_for(WAIT, "a full trace of tools/call", |spans| {
+            spans.iter().filter(|s| is_call(s)).any(|root| {
+                spans.iter().any(|s| {
+                    s.trace_id == root.trace_id
+                        && s.service == "mcp-backend"
+                        && s.name == "tool echo"
+                })
+            })
+        })
+        .await
+        .expect("spans");
+    let root = spans.iter().find(|s| is_call(s)).expect("proxy span");
+    // The edge does not let a client pick its trace: a new trace, linked to the caller's.
+    assert_ne!(root.trace_id, CLIENT_TRACE);
+    assert_eq!(root.links, vec![CLIENT_TRACE.to_owned()], "{root:?}");
+    assert_eq!(root.kind, 2, "server span");
+    assert_eq!(root.attr("mcp.method.name"), Some("tools/call"));
+    assert_eq!(root.attr("gen_ai.tool.name"), Some("echo"));
+    assert_eq!(root.attr("mcp_edge.pool"), Some("mcp"));
+    assert_eq!(root.attr("jsonrpc.request.id"), Some("2"));
+    assert_eq!(root.attr("http.response.status_code"), Some("200"));
+    let hashed = root.attr("mcp.session.id").expect("session attribute");
+    assert_eq!(hashed.len(), 16);
+    assert!(
+        !session.contains(hashed) && hashed != session,
+        "the id itself is never sent"
+    );
+
+    let attempts = children(&spans, root);
+    assert_eq!(attempts.len(), 1, "one attempt: {attempts:#?}");
+    let attempt = attempts[0];
+    assert_eq!(attempt.kind, 3, "client span");
+    assert_eq!(attempt.attr("mcp_edge.attempt"), Some("1"));
+    let backend_name = attempt.attr("mcp_edge.backend").expect("backend attribute");
+
+    // The backend continued the proxy's trace under the attempt span.
+    let server = children(&spans, attempt);
+    assert_eq!(server.len(), 1, "{server:#?}");
+    let server = server[0];
+    assert_eq!(server.service, "mcp-backend");
+    assert_eq!(server.name, "tools/call echo");
+    assert_eq!(server.attr("mcp.session.id"), Some(hashed));
+    let below = children(&spans, server);
+    let tool = below
+        .iter()
+        .find(|s| s.name == "tool echo")
+        .expect("tool span under the request span");
+    assert_eq!(tool.attr("gen_ai.tool.name"), Some("echo"));
+    let touch = below
+        .iter()
+        .find(|s| s.name == "redis touch")
+        .expect("the session touch under the request span");
+    assert_eq!(touch.attr("db.system.name"), Some("redis"));
+    assert!(
+        backends.iter().any(|b| b.address() == backend_name),
+        "the attempt names a configured backend: {backend_name}"
+    );
+
+    // The access log names the trace.
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("request") && l.contains(&root.trace_id)),
+        "no access log line with trace id {}:\n{log}",
+        root.trace_id
+    );
+
+    // Failover: one backend dies; a safe request that reaches it first is sent to the other,
+    // and both attempts are in the same trace.
+    backends[0].kill().await;
+    let mut found = None;
+    for id in 10..20 {
+        let reply = client
+            .call(&proxy.mcp(), id, "tools/list", json!({}))
+            .await
+            .expect("tools/list");
+        assert_eq!(reply.status, 200, "{}", reply.body);
+        let spans = collector
+            .wait_for(WAIT, "the tools/list span", |spans| {
+                spans.iter().any(|s| {
+                    s.service == "mcp-proxy"
+                        && s.attr("jsonrpc.request.id") == Some(&id.to_string())
+                })
+            })
+            .await
+            .expect("spans");
+        let root = spans
+            .iter()
+            .find(|s| {
+                s.service == "mcp-proxy" && s.attr("jsonrpc.request.id") == Some(&id.to_string())
+            })
+            .expect("root")
+            .clone();
+        if children(&spans, &root).len() > 1 {
+            found = Some(root);
+            break;
+        }
+    }
+    let root = found.expect("within 10 round-robin requests one meets the dead backend first");
+    let spans = collector
+        .wait_for(WAIT, "the second attempt's backend span", |spans| {
+            let attempts = children(spans, &root);
+            attempts.len() == 2
+                && attempts
+                    .iter()
+                    .any(|a| spans.iter().any(|s| s.parent == a.span_id))
+        })
+        .await
+        .expect("spans");
+    let mut attempts = children(&spans, &root);
+    attempts.sort_by_key(|a| a.attr("mcp_edge.attempt").map(str::to_owned));
+    assert_eq!(attempts[0].attr("mcp_edge.attempt"), Some("1"));
+    assert_eq!(
+        attempts[0].status, 2,
+        "the first attempt failed: {:?}",
+        attempts[0]
+    );
+    assert_eq!(attempts[1].attr("mcp_edge.attempt"), Some("2"));
+    assert_ne!(attempts[1].status, 2);
+    assert_ne!(
+        attempts[0].attr("mcp_edge.backend"),
+        attempts[1].attr("mcp_edge.backend")
+    );
+    assert!(
+        root.events.iter().any(|e| e == "retry"),
+        "{:?}",
+        root.events
+    );
+    assert!(
+        root.events.iter().any(|e| e == "failover"),
+        "{:?}",
+        root.events
+    );
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.parent == attempts[1].span_id && s.service == "mcp-backend"),
+        "the backend that answered continued the trace"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn traces_also_go_over_grpc_and_json_logs_carry_node_and_trace_ids() {
+    let collector = Collector::start().await.expect("collector");
+    let redis = Redis::start(false).await.expect("redis");
+    let backends = traced_backends(&redis, &["g1"], &collector, "grpc").await;
+    let proxy = traced_proxy(
+        &[&backends[0]],
+        &collector,
+        "  otlp_protocol: grpc\n  log_format: json\n  trust_traceparent: true\n",
+    )
+    .await;
+    let mut client = traced_client();
+    client
+        .initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    client
+        .call(&proxy.mcp(), 2, "tools/list", json!({}))
+        .await
+        .expect("tools/list");
+    let spans = collector
+        .wait_for(WAIT, "proxy and backend spans over gRPC", |spans| {
+            spans
+                .iter()
+                .any(|s| s.service == "mcp-proxy" && s.name == "tools/list")
+                && spans
+                    .iter()
+                    .any(|s| s.service == "mcp-backend" && s.name == "tools/list")
+        })
+        .await
+        .expect("spans");
+    // trust_traceparent: the caller's trace is continued, not only linked.
+    let root = spans
+        .iter()
+        .find(|s| s.service == "mcp-proxy" && s.name == "tools/list")
+        .expect("root");
+    assert_eq!(root.trace_id, CLIENT_TRACE);
+    assert_eq!(root.parent, "b7ad6b7169203331");
+    // JSON log lines: one object per line, with node and trace_id on the access line.
+    let log = proxy.log();
+    let access: Vec<Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "access")
+        .collect();
+    assert!(!access.is_empty(), "no JSON access lines:\n{log}");
+    assert!(access.iter().all(|v| v["node"].is_string()), "{access:?}");
+    assert!(
+        access
+            .iter()
+            .any(|v| v["fields"]["trace_id"] == CLIENT_TRACE),
+        "{access:?}"
+    );
+}
