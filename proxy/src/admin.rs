@@ -2,6 +2,7 @@
 //!
 //! - `GET /health` — status and each backend's health (200 when every pool can serve, else 503)
 //! - `GET /metrics` — Prometheus text format
+//! - `GET /status` — the status page (`status.rs`), and `GET /status.json`, its data
 //! - `GET /admin/backends` — backends with health, drain flag and traffic
 //! - `GET /admin/sessions/{id}` — which backend a session id maps to, per pool, and why
 //! - `POST /admin/backends/{name}/drain` and `/undrain` (`?pool=` to pick one pool) — a draining
@@ -11,7 +12,7 @@
 //!   (kept across reloads, lost on restart); a removed backend is drained
 //! - `POST /admin/reload` — re-read the config file, as SIGHUP does
 //!
-//! With `admin.token` set, every path but `/health` and `/metrics` needs
+//! With `admin.token` set, every path but `/health`, `/metrics` and the status page needs
 //! `Authorization: Bearer <token>` (compared in constant time); the admin listener refuses to
 //! start on a non-loopback address without a token. Paths are matched exactly as sent: no
 //! trimming or decoding, so `//admin/reload` is just an unknown path. A `POST` must not come
@@ -265,6 +266,12 @@ impl AdminApp {
             if let Some(i) = p.find(name) {
                 let b = &p.backends[i];
                 b.set_draining(on);
+                self.shared.events.record(
+                    &p.config.name,
+                    &b.name,
+                    if on { "drain" } else { "undrain" },
+                    "admin API",
+                );
                 tracing::info!(pool = %p.config.name, backend = %b.name, draining = on, "drain changed by admin");
                 changed.push(json!({
                     "pool": p.config.name,
@@ -360,7 +367,12 @@ impl ServeHttp for AdminApp {
             None => (path, String::new()),
         };
         let snapshot = self.shared.snapshot();
-        let open = method == Method::GET && (path == "/health" || path == "/metrics");
+        // Read-only documents without secrets or session ids: open, like `/health`.
+        let open = method == Method::GET
+            && matches!(
+                path.as_str(),
+                "/health" | "/metrics" | "/status" | "/status.json"
+            );
         if !open
             && let Some(token) = snapshot
                 .config
@@ -425,6 +437,30 @@ impl ServeHttp for AdminApp {
                     self.shared.metrics.render(),
                 )
             }
+            (&Method::GET, ["status"]) => {
+                let mut r = reply(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    crate::status::PAGE.as_bytes().to_vec(),
+                );
+                let h = r.headers_mut();
+                // Its own inline script and style, data from this origin, nothing else.
+                h.insert(
+                    http::header::CONTENT_SECURITY_POLICY,
+                    http::HeaderValue::from_static(
+                        "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; frame-ancestors 'none'",
+                    ),
+                );
+                h.insert(
+                    http::header::X_CONTENT_TYPE_OPTIONS,
+                    http::HeaderValue::from_static("nosniff"),
+                );
+                r
+            }
+            (&Method::GET, ["status.json"]) => json_reply(
+                StatusCode::OK,
+                crate::status::document(&snapshot, &self.shared.events),
+            ),
             (&Method::GET, ["admin", "backends"]) => json_reply(StatusCode::OK, self.backends()),
             (&Method::GET, ["admin", "sessions", id]) => {
                 json_reply(StatusCode::OK, self.session(id))

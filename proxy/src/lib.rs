@@ -22,6 +22,8 @@
 //! - [`discovery`]: backends from DNS (`discover` entries) and the admin API, without reloads.
 //! - [`admin`]: the admin listener (health, metrics, backends, sessions, drain, reload).
 //! - [`metrics`]: the Prometheus registry.
+//! - [`status`]: the status page and its recent events.
+//! - [`trace`]: OpenTelemetry spans of a request and its upstream attempts.
 //! - [`state`]: the shared, reloadable snapshot of config and pools.
 
 pub mod admin;
@@ -42,6 +44,7 @@ pub mod request;
 pub mod respond;
 pub mod resume;
 pub mod state;
+pub mod status;
 pub mod trace;
 
 use std::sync::Arc;

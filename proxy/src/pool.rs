@@ -33,6 +33,13 @@ pub struct BackendState {
     pub requests: AtomicU64,
     pub failures: AtomicU64,
     pub active: AtomicI64,
+    /// SSE streams open on this backend (the status page).
+    pub streams: AtomicI64,
+    /// Answers that were 5xx or failed, and answered POSTs with their total time (the status
+    /// page computes error rates and mean latency from these).
+    pub errors: AtomicU64,
+    pub answered: AtomicU64,
+    pub latency_us: AtomicU64,
     checking: AtomicBool,
     /// When the next active check is due (`None`: at once).
     next_check: Mutex<Option<Instant>>,
@@ -74,6 +81,10 @@ impl BackendState {
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             active: AtomicI64::new(0),
+            streams: AtomicI64::new(0),
+            errors: AtomicU64::new(0),
+            answered: AtomicU64::new(0),
+            latency_us: AtomicU64::new(0),
             checking: AtomicBool::new(false),
             next_check: Mutex::new(None),
             last_error: Mutex::new(None),

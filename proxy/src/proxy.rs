@@ -108,6 +108,8 @@ pub struct Ctx {
     pub(crate) trace: Option<crate::trace::Trace>,
     /// When the current attempt's backend was chosen.
     pub(crate) attempt_start: Option<Instant>,
+    /// The backend whose `streams` count this request's open stream.
+    pub(crate) stream_on: Option<Arc<crate::pool::BackendState>>,
 }
 
 impl McpProxy {
@@ -307,12 +309,19 @@ impl McpProxy {
 
     /// Feeds outlier detection; an ejection is counted like a health transition.
     fn outcome(&self, pool: &Pool, i: usize, ok: bool) {
+        if !ok {
+            pool.backends[i].errors.fetch_add(1, Ordering::Relaxed);
+        }
         if pool.outcome(i, ok).is_some() {
+            let (pool, backend) = (&pool.config.name, &pool.backends[i].name);
             self.shared
                 .metrics
                 .health_transitions
-                .with_label_values(&[&pool.config.name, &pool.backends[i].name, "ejected"])
+                .with_label_values(&[pool, backend, "ejected"])
                 .inc();
+            self.shared
+                .events
+                .record(pool, backend, "ejected", "failing live traffic");
         }
     }
 
@@ -469,6 +478,15 @@ impl McpProxy {
 }
 
 /// The client address for logs, `-` when unknown.
+/// This request's open stream now counts on backend `b` (the relay moves it when it resumes
+/// on another backend).
+pub(crate) fn stream_moved(ctx: &mut Ctx, b: &Arc<crate::pool::BackendState>) {
+    if let Some(old) = ctx.stream_on.replace(b.clone()) {
+        old.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+    b.streams.fetch_add(1, Ordering::Relaxed);
+}
+
 fn client_label(ip: Option<IpAddr>) -> String {
     ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
 }
@@ -582,6 +600,7 @@ impl ProxyHttp for McpProxy {
             tools_list: None,
             trace: None,
             attempt_start: None,
+            stream_on: None,
         }
     }
 
@@ -925,6 +944,7 @@ impl ProxyHttp for McpProxy {
         };
         if let Some(i) = ctx.backend {
             let b = &pool.backends[i];
+            b.errors.fetch_add(1, Ordering::Relaxed);
             if let Some(t) = b.connect_failed(e.to_string()) {
                 self.shared
                     .transition(&pool.config.name, &b.name, t, "connection failed");
@@ -1048,6 +1068,7 @@ impl ProxyHttp for McpProxy {
                 .sse_streams
                 .with_label_values(&[name])
                 .inc();
+            stream_moved(ctx, b);
             if ctx.kind == Kind::Post {
                 ctx.post = Some(crate::relay::EventCursor::default());
             }
@@ -1229,6 +1250,9 @@ impl ProxyHttp for McpProxy {
         if ctx.sse {
             m.sse_streams.with_label_values(&[name]).dec();
         }
+        if let Some(b) = ctx.stream_on.take() {
+            b.streams.fetch_sub(1, Ordering::Relaxed);
+        }
         if let Some(sid) = ctx.legacy_pin.take() {
             self.shared.legacy.remove(&sid);
         }
@@ -1244,12 +1268,20 @@ impl ProxyHttp for McpProxy {
         m.duration
             .with_label_values(&[name, method])
             .observe(elapsed.as_secs_f64());
-        if let (Some(t), Kind::Post | Kind::LegacyMessage, true) =
-            (ctx.attempt_start, ctx.kind, ctx.response_started)
-        {
+        if let (Some(t), Kind::Post | Kind::LegacyMessage, true, Some(i)) = (
+            ctx.attempt_start,
+            ctx.kind,
+            ctx.response_started,
+            ctx.backend,
+        ) {
+            let took = t.elapsed();
             m.backend_duration
                 .with_label_values(&[name, backend])
-                .observe(t.elapsed().as_secs_f64());
+                .observe(took.as_secs_f64());
+            let b = &pool.backends[i];
+            b.answered.fetch_add(1, Ordering::Relaxed);
+            b.latency_us
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
         }
         let failover = match (ctx.first, ctx.backend) {
             (Some(f), Some(b)) if f != b => Some((
@@ -1258,8 +1290,11 @@ impl ProxyHttp for McpProxy {
             )),
             _ => None,
         };
-        if failover.is_some() {
+        if let Some((from, to)) = failover {
             m.failovers.with_label_values(&[name]).inc();
+            self.shared
+                .events
+                .record(name, to, "failover", &format!("from {from}"));
         }
         let error = e.map(|e| e.to_string());
         let trace_id = ctx.trace.as_mut().and_then(|t| {

@@ -306,6 +306,7 @@ impl McpProxy {
                     .await?;
                 started = true;
             }
+            crate::proxy::stream_moved(ctx, &pool.backends[i]);
             match self.pump(session, pool, i, &t, response, &mut cursor).await {
                 Ended::ClientGone => {
                     self.release(ctx);

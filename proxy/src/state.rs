@@ -58,6 +58,8 @@ pub struct Shared {
     base: Mutex<Config>,
     dynamic: Mutex<crate::discovery::Dynamic>,
     reload_lock: Mutex<()>,
+    /// Recent health transitions, ejections, drains and failovers (the status page).
+    pub events: crate::status::Events,
     /// Trace export, set once at start ([`crate::server`]); unset means traces are off.
     tracing: std::sync::OnceLock<Arc<telemetry::Tracing>>,
 }
@@ -82,6 +84,7 @@ impl Shared {
             dynamic: Mutex::default(),
             reload_lock: Mutex::new(()),
             tracing: std::sync::OnceLock::new(),
+            events: crate::status::Events::default(),
         });
         shared.publish_health();
         Ok(shared)
@@ -227,6 +230,7 @@ impl Shared {
             .backend_up
             .with_label_values(&[pool, backend])
             .set(up);
+        self.events.record(pool, backend, state, reason);
         match t {
             Transition::Up => tracing::info!(pool, backend, reason, "backend up"),
             Transition::Down => tracing::warn!(pool, backend, reason, "backend down"),

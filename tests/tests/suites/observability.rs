@@ -298,3 +298,79 @@ async fn traces_also_go_over_grpc_and_json_logs_carry_node_and_trace_ids() {
         "{access:?}"
     );
 }
+
+/// The admin status page, in Debian's headless chromium driven by playwright-core
+/// (`tests/browser/status_page.mjs`): both backends show up; one is SIGKILLed; the same page,
+/// refreshing itself, shows it down and lists the transition. The screenshot (phone-sized)
+/// is kept as `docs/status-page.png` when `STATUS_SCREENSHOT` names a path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_status_page_shows_a_killed_backend_turn_unhealthy_in_a_real_browser() {
+    use tokio::io::AsyncBufReadExt;
+
+    let redis = Redis::start(false).await.expect("redis");
+    let mut a = Backend::start("page-a", Some(&redis.url()), &[])
+        .await
+        .expect("a");
+    let b = Backend::start("page-b", Some(&redis.url()), &[])
+        .await
+        .expect("b");
+    let proxy = Proxy::start(&[a.address(), b.address()], "shared_sessions: true\n")
+        .await
+        .expect("proxy");
+    let mut client = McpClient::new();
+    client
+        .initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    for id in 2..6 {
+        client
+            .tool(&proxy.mcp(), id, "echo", json!({"message": "page"}))
+            .await
+            .expect("echo");
+    }
+    let dir = tests::TempDir::new("browser");
+    let shot = std::env::var("STATUS_SCREENSHOT")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| dir.0.join("status.png"));
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("browser/status_page.mjs");
+    let mut node = tokio::process::Command::new("node")
+        .env("PATH", tests::tools_path())
+        .env(
+            "PLAYWRIGHT_CORE",
+            tests::tools_dir().join("browser/node_modules/playwright-core"),
+        )
+        .arg(&script)
+        .arg(proxy.admin_url("/status"))
+        .arg(a.address())
+        .arg(&shot)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("node");
+    let mut lines = tokio::io::BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .expect("the browser answers in time")
+            .expect("read")
+            .expect("a line before the browser exits")
+    };
+    assert_eq!(next().await, "UP");
+    assert!(std::fs::metadata(&shot).expect("screenshot").len() > 1000);
+    a.kill().await;
+    let down = next().await;
+    let report: Value =
+        serde_json::from_str(down.strip_prefix("DOWN ").expect("DOWN")).expect("report");
+    let events = report["events"].as_str().unwrap_or_default();
+    assert!(
+        events.contains(&format!("{} · down", a.address())),
+        "the transition is listed: {events}"
+    );
+    assert_eq!(report["errors"], json!([]), "no script or request errors");
+    assert!(node.wait().await.expect("node").success());
+    // Still serving through the other backend.
+    client
+        .tool(&proxy.mcp(), 9, "echo", json!({"message": "after"}))
+        .await
+        .expect("echo after the kill");
+}
