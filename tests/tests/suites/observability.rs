@@ -2,6 +2,7 @@
 //! receiver built on the official protobuf definitions (`tests::otlp`); both `/metrics`
 //! endpoints are scraped after a scripted scenario.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -373,4 +374,236 @@ async fn the_status_page_shows_a_killed_backend_turn_unhealthy_in_a_real_browser
         .tool(&proxy.mcp(), 9, "echo", json!({"message": "after"}))
         .await
         .expect("echo after the kill");
+}
+
+/// Parses a Prometheus text exposition into `name{labels}` -> value.
+fn scrape(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .filter_map(|l| {
+            let (k, v) = l.rsplit_once(' ')?;
+            Some((k.to_owned(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The sum of every series of `name` whose labels include all of `labels` (`k="v"`).
+fn total(m: &BTreeMap<String, f64>, name: &str, labels: &[&str]) -> f64 {
+    m.iter()
+        .filter(|(k, _)| {
+            (k.as_str() == name || k.starts_with(&format!("{name}{{")))
+                && labels.iter().all(|l| k.contains(l))
+        })
+        .map(|(_, v)| v)
+        .sum()
+}
+
+async fn metrics_of(url: &str) -> BTreeMap<String, f64> {
+    let text = reqwest::get(url)
+        .await
+        .expect("scrape")
+        .text()
+        .await
+        .expect("body");
+    scrape(&text)
+}
+
+/// Both `/metrics` endpoints after a scripted scenario: calls, a restore on the other replica,
+/// a killed backend, a rate-limited client, a deleted session. Every counter moves by exactly
+/// what the scenario did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn metrics_count_exactly_what_a_scripted_scenario_did() {
+    let redis = Redis::start(false).await.expect("redis");
+    let a = Backend::start("m-a", Some(&redis.url()), &[])
+        .await
+        .expect("a");
+    let mut b = Backend::start("m-b", Some(&redis.url()), &[])
+        .await
+        .expect("b");
+    let (addr_a, addr_b) = (a.address(), b.address());
+    let proxy = Proxy::start_custom(|p| {
+        format!(
+            "{server}listeners:\n  - address: 127.0.0.1:{port}\nadmin:\n  address: 127.0.0.1:{admin}\nclient_address:\n  trusted_proxies: [127.0.0.1/32]\npools:\n  - name: mcp\n    shared_sessions: true\n    backends:\n      - {{address: \"{addr_a}\"}}\n      - {{address: \"{addr_b}\"}}\n    health_check: {{interval_ms: 300, timeout_ms: 300, healthy_threshold: 1, unhealthy_threshold: 2}}\n    limits: {{requests_per_second: 10, burst: 10}}\n",
+            server = p.server_yaml(),
+            port = p.port,
+            admin = p.admin_port,
+        )
+    })
+    .await
+    .expect("proxy");
+    let client_as = |ip: &str| {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-forwarded-for", ip.parse().expect("ip"));
+        let mut c = McpClient::new();
+        c.http = reqwest::Client::builder()
+            .default_headers(headers)
+            .build()
+            .expect("client");
+        c
+    };
+    let mut client = client_as("10.0.0.1");
+    client
+        .initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    for id in 2..6 {
+        client
+            .tool(&proxy.mcp(), id, "echo", json!({"message": "m"}))
+            .await
+            .expect("echo");
+    }
+    let (ma, mb) = (
+        metrics_of(&format!("{}/metrics", a.base())).await,
+        metrics_of(&format!("{}/metrics", b.base())).await,
+    );
+    let both = |name: &str, labels: &[&str]| total(&ma, name, labels) + total(&mb, name, labels);
+    assert_eq!(both("mcp_backend_sessions_created_total", &[]), 1.0);
+    // Round robin: the replica that did not create the session restored it, once.
+    assert_eq!(both("mcp_backend_sessions_restored_total", &[]), 1.0);
+    assert_eq!(
+        both(
+            "mcp_backend_tool_calls_total",
+            &["tool=\"echo\"", "outcome=\"ok\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        both(
+            "mcp_backend_tool_duration_seconds_count",
+            &["tool=\"echo\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        both(
+            "mcp_backend_requests_total",
+            &["method=\"tools/call\"", "status=\"200\""]
+        ),
+        4.0
+    );
+    assert_eq!(
+        both("mcp_backend_requests_total", &["method=\"initialize\""]),
+        1.0
+    );
+    assert!(
+        both(
+            "mcp_backend_store_duration_seconds_count",
+            &["op=\"touch\""]
+        ) >= 5.0
+    );
+    assert_eq!(both("mcp_backend_store_errors_total", &[]), 0.0);
+    assert_eq!(
+        both("mcp_backend_session_workers", &[]),
+        2.0,
+        "one worker on each"
+    );
+    assert_eq!(total(&ma, "mcp_backend_sessions_active", &[]), 1.0);
+
+    // A backend dies: the proxy counts the transition and stops sending to it.
+    b.kill().await;
+    let admin = proxy.admin_url("/metrics");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let m = metrics_of(&admin).await;
+        if total(
+            &m,
+            "mcp_proxy_backend_up",
+            &[&format!("backend=\"{addr_b}\"")],
+        ) == 0.0
+        {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "b never went down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for id in 6..8 {
+        client
+            .tool(&proxy.mcp(), id, "echo", json!({"message": "m"}))
+            .await
+            .expect("echo on the survivor");
+    }
+
+    // Another client goes over its rate: every 429 is counted, and only those.
+    let noisy = client_as("10.0.0.2");
+    let mut refused = 0.0;
+    for id in 0..40 {
+        let r = noisy
+            .call(&proxy.mcp(), id, "ping", json!({}))
+            .await
+            .expect("ping");
+        if r.status == 429 {
+            refused += 1.0;
+        }
+    }
+    assert!(
+        refused > 0.0,
+        "40 requests at once exceed 10/s with a burst of 10"
+    );
+    assert_eq!(client.delete(&proxy.mcp()).await.expect("delete"), 200);
+
+    let m = metrics_of(&admin).await;
+    let pool = "pool=\"mcp\"";
+    assert_eq!(total(&m, "mcp_proxy_sessions_seen_total", &[pool]), 1.0);
+    assert_eq!(
+        total(
+            &m,
+            "mcp_proxy_requests_total",
+            &[pool, "method=\"tools/call\"", "status=\"200\""]
+        ),
+        6.0
+    );
+    let on = |name: &str| {
+        [&addr_a, &addr_b]
+            .iter()
+            .map(|x| total(&m, name, &[&format!("backend=\"{x}\"")]))
+            .sum::<f64>()
+    };
+    assert_eq!(
+        on("mcp_proxy_backend_request_duration_seconds_count"),
+        on("mcp_proxy_requests_total"),
+        "every request a backend answered is timed on that backend"
+    );
+    assert_eq!(
+        total(&m, "mcp_proxy_limited_total", &[pool, "limit=\"rate\""]),
+        refused
+    );
+    assert_eq!(
+        total(&m, "mcp_proxy_requests_total", &[pool, "status=\"429\""]),
+        refused
+    );
+    assert_eq!(
+        total(
+            &m,
+            "mcp_proxy_health_transitions_total",
+            &[&format!("backend=\"{addr_b}\""), "state=\"down\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        total(
+            &m,
+            "mcp_proxy_sessions_ended_total",
+            &[pool, "reason=\"deleted\""]
+        ),
+        1.0
+    );
+    assert_eq!(
+        total(
+            &m,
+            "mcp_proxy_backend_in_flight",
+            &[&format!("backend=\"{addr_a}\"")]
+        ),
+        0.0
+    );
+    assert_eq!(total(&m, "mcp_proxy_log_lines_dropped_total", &[]), 0.0);
+    let ma = metrics_of(&format!("{}/metrics", a.base())).await;
+    assert_eq!(
+        total(
+            &ma,
+            "mcp_backend_sessions_ended_total",
+            &["reason=\"deleted\""]
+        ),
+        1.0
+    );
+    assert_eq!(total(&ma, "mcp_backend_session_workers", &[]), 0.0);
 }
