@@ -204,6 +204,36 @@ mod tests {
         assert_eq!(method_label(""), "other");
     }
 
+    /// Every `mcp_backend_*` metric the Grafana dashboard queries is one this registry
+    /// defines.
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let m = metrics();
+        m.requests.with_label_values(&["ping", "200"]).inc();
+        m.request_duration.with_label_values(&["ping"]).observe(0.1);
+        m.tool_calls.with_label_values(&["echo", "ok"]).inc();
+        m.tool_duration.with_label_values(&["echo"]).observe(0.1);
+        m.sessions_ended.with_label_values(&["deleted"]).inc();
+        m.store_duration.with_label_values(&["touch"]).observe(0.1);
+        m.store_errors.with_label_values(&["touch"]).inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        let defined: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let dashboard = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../conf/grafana/mcp-edge.json"
+        ))
+        .unwrap();
+        let used = telemetry::metric_names(&dashboard, "mcp_backend_");
+        assert!(used.len() >= 10, "{used:?}");
+        for name in used {
+            assert!(defined.contains(&name.as_str()), "{name} is not a metric");
+        }
+    }
+
     #[test]
     fn every_metric_renders_once_touched() {
         let m = metrics();

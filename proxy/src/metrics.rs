@@ -236,3 +236,52 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `mcp_proxy_*` metric the Grafana dashboard queries is one this registry defines
+    /// (each is touched here once, since an untouched labelled metric is not rendered).
+    #[test]
+    fn the_dashboard_queries_only_metrics_that_exist() {
+        let m = Metrics::new().unwrap();
+        m.requests.with_label_values(&["p", "b", "200", "m"]).inc();
+        m.duration.with_label_values(&["p", "m"]).observe(0.1);
+        m.sse_streams.with_label_values(&["p"]).inc();
+        m.sessions.with_label_values(&["p"]).inc();
+        m.retries.with_label_values(&["p", "connect"]).inc();
+        m.failovers.with_label_values(&["p"]).inc();
+        m.health_transitions
+            .with_label_values(&["p", "b", "up"])
+            .inc();
+        m.backend_up.with_label_values(&["p", "b"]).set(1);
+        m.auth_failures.with_label_values(&["p", "r"]).inc();
+        m.limited.with_label_values(&["p", "rate"]).inc();
+        m.backend_duration
+            .with_label_values(&["p", "b"])
+            .observe(0.1);
+        m.backend_in_flight.with_label_values(&["p", "b"]).set(1);
+        m.backend_draining.with_label_values(&["p", "b"]).set(0);
+        m.backend_ejected.with_label_values(&["p", "b"]).set(0);
+        m.sessions_ended.with_label_values(&["p", "deleted"]).inc();
+        m.handoffs.with_label_values(&["p"]).inc();
+        m.log_lines_dropped.inc();
+        let text = String::from_utf8(m.render()).unwrap();
+        let defined: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        let dashboard = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../conf/grafana/mcp-edge.json"
+        ))
+        .unwrap();
+        let used = telemetry::metric_names(&dashboard, "mcp_proxy_");
+        assert!(used.len() >= 10, "{used:?}");
+        for name in used {
+            assert!(defined.contains(&name.as_str()), "{name} is not a metric");
+        }
+    }
+}

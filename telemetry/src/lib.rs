@@ -43,3 +43,23 @@ pub fn init(
     }
     Ok(Telemetry { tracing, logs })
 }
+
+/// The Prometheus metric names starting with `prefix` that `text` (a dashboard, a query)
+/// mentions, histogram suffixes (`_bucket`, `_sum`, `_count`) removed. Both binaries' tests
+/// check `conf/grafana/mcp-edge.json` with it.
+pub fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<String> {
+    text.match_indices(prefix)
+        .map(|(i, _)| {
+            let rest = &text[i..];
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            let name = &rest[..end];
+            ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(name)
+                .to_owned()
+        })
+        .collect()
+}
