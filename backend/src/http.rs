@@ -378,6 +378,45 @@ fn check_body(body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
     }
 }
 
+/// JSON-RPC error of a request whose `Mcp-Method` / `Mcp-Name` headers disagree with its body.
+pub const HEADER_MISMATCH: i32 = -32020;
+
+/// A request that names its method in `Mcp-Method` (and its tool, prompt or resource in
+/// `Mcp-Name`, 2026-07-28) must say the same in its body: the proxy routes, retries and counts
+/// on the headers without reading the body.
+fn check_method_headers(headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
+    let method = headers.get("mcp-method");
+    let name = headers.get("mcp-name");
+    if method.is_none() && name.is_none() {
+        return Ok(());
+    }
+    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let id = v.get("id").cloned();
+    let mismatch = |what: &str| {
+        rpc_error(
+            StatusCode::BAD_REQUEST,
+            HEADER_MISMATCH,
+            format!("the {what} header does not match the request body"),
+            id.clone(),
+        )
+    };
+    if let Some(m) = method
+        && v.get("method").and_then(Value::as_str).map(str::as_bytes) != Some(m.as_bytes())
+    {
+        return Err(mismatch("Mcp-Method"));
+    }
+    if let Some(n) = name {
+        let params = v.get("params");
+        let named = params
+            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
+            .and_then(Value::as_str);
+        if named.map(str::as_bytes) != Some(n.as_bytes()) {
+            return Err(mismatch("Mcp-Name"));
+        }
+    }
+    Ok(())
+}
+
 /// Unix seconds now, for signature times.
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -460,7 +499,10 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
         if json_body || !is_mcp {
-            match check_body(&bytes) {
+            match check_body(&bytes).and_then(|(init, rpc)| {
+                check_method_headers(&parts.headers, &bytes)?;
+                Ok((init, rpc))
+            }) {
                 Ok((init, rpc)) => {
                     initialize = init;
                     if let Some(slot) = parts.extensions.get::<RpcSlot>() {
@@ -896,6 +938,28 @@ mod tests {
             too_many_sessions(2, Duration::ZERO, None).status(),
             StatusCode::TOO_MANY_REQUESTS
         );
+    }
+
+    #[test]
+    fn method_headers_must_match_the_body() {
+        let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo"}}"#;
+        let ok = headers(&[("mcp-method", "tools/call"), ("mcp-name", "echo")]);
+        assert!(check_method_headers(&ok, body).is_ok());
+        assert!(check_method_headers(&HeaderMap::new(), body).is_ok());
+        for bad in [
+            headers(&[("mcp-method", "tools/list")]),
+            headers(&[("mcp-method", "tools/call"), ("mcp-name", "rm")]),
+            headers(&[("mcp-name", "echo2")]),
+        ] {
+            let r = check_method_headers(&bad, body).err().expect("refused");
+            assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        }
+        let read = br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"system://info"}}"#;
+        let h = headers(&[
+            ("mcp-method", "resources/read"),
+            ("mcp-name", "system://info"),
+        ]);
+        assert!(check_method_headers(&h, read).is_ok());
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub mod defaults {
     pub const WRITE_MS: u64 = 30_000;
     pub const SSE_IDLE_MS: u64 = 600_000;
     pub const UPSTREAM_KEEPALIVE_MS: u64 = 60_000;
+    pub const LISTENER_READ_BUFFER_BYTES: usize = 64 * 1024;
+    pub const LISTENER_WRITE_BUFFER_BYTES: usize = 1460;
     /// Idle upstream connections kept for reuse, per process. Pingora's own default (128) is
     /// below the concurrency of a busy edge: past it every request opens a new connection.
     pub const UPSTREAM_KEEPALIVE_POOL_SIZE: usize = 1024;
@@ -165,6 +167,10 @@ pub struct ServerFile {
     pub access_log: bool,
     pub backend_header: bool,
     pub upstream_keepalive_pool_size: usize,
+    /// Per client connection: the read buffer in front of the socket (0: none, reads go to
+    /// the socket) and the write buffer.
+    pub listener_read_buffer_bytes: usize,
+    pub listener_write_buffer_bytes: usize,
 }
 
 impl Default for ServerFile {
@@ -179,6 +185,8 @@ impl Default for ServerFile {
             access_log: true,
             backend_header: false,
             upstream_keepalive_pool_size: defaults::UPSTREAM_KEEPALIVE_POOL_SIZE,
+            listener_read_buffer_bytes: defaults::LISTENER_READ_BUFFER_BYTES,
+            listener_write_buffer_bytes: defaults::LISTENER_WRITE_BUFFER_BYTES,
         }
     }
 }
@@ -533,6 +541,8 @@ pub struct ServerSettings {
     pub access_log: bool,
     pub backend_header: bool,
     pub upstream_keepalive_pool_size: usize,
+    pub listener_read_buffer_bytes: usize,
+    pub listener_write_buffer_bytes: usize,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -831,6 +841,20 @@ impl FileConfig {
             Some(t) if (1..=1024).contains(&t) => t,
             Some(t) => return Err(invalid("server.threads", t, "must be between 1 and 1024")),
         };
+        for (key, v) in [
+            (
+                "server.listener_read_buffer_bytes",
+                s.listener_read_buffer_bytes,
+            ),
+            (
+                "server.listener_write_buffer_bytes",
+                s.listener_write_buffer_bytes,
+            ),
+        ] {
+            if v > 16 * 1024 * 1024 {
+                return Err(invalid(key, v, "must be at most 16777216"));
+            }
+        }
         if s.upstream_keepalive_pool_size > 1_000_000 {
             return Err(invalid(
                 "server.upstream_keepalive_pool_size",
@@ -859,6 +883,8 @@ impl FileConfig {
             access_log: s.access_log,
             backend_header: s.backend_header,
             upstream_keepalive_pool_size: s.upstream_keepalive_pool_size,
+            listener_read_buffer_bytes: s.listener_read_buffer_bytes,
+            listener_write_buffer_bytes: s.listener_write_buffer_bytes,
         };
 
         if let Err(e) = self.telemetry.validate() {

@@ -113,19 +113,24 @@ pub fn server(config: Config, options: StartOptions) -> Result<(Server, Arc<Shar
             },
         );
         let address = l.address.to_string();
-        match &l.tls {
-            None => service.add_tcp(&address),
-            Some((cert, key)) => service
-                .add_tls(
-                    &address,
-                    &cert.display().to_string(),
-                    &key.display().to_string(),
-                )
-                .map_err(|e| StartError::Listener {
-                    address: address.clone(),
-                    message: e.to_string(),
-                })?,
+        let mut listener = pingora::listeners::ListenerConfig::tcp(address.clone()).l4_buffer(
+            pingora::listeners::L4BufferSettings::new(
+                config.server.listener_read_buffer_bytes,
+                config.server.listener_write_buffer_bytes,
+            ),
+        );
+        if let Some((cert, key)) = &l.tls {
+            let tls = pingora::listeners::tls::TlsSettings::intermediate(
+                &cert.display().to_string(),
+                &key.display().to_string(),
+            )
+            .map_err(|e| StartError::Listener {
+                address: address.clone(),
+                message: e.to_string(),
+            })?;
+            listener = listener.tls(tls);
         }
+        service.add_listener(listener);
         server.add_service(service);
     }
     server.add_service(background_service(

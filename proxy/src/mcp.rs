@@ -60,6 +60,40 @@ pub struct Peek {
     /// What the request names, for traces: the tool or prompt (`params.name`) or the resource
     /// (`params.uri`). Client-chosen: never a metrics label.
     pub target: Option<String>,
+    /// Read from `Mcp-Method` / `Mcp-Name` instead of the body (`id` is then read only when
+    /// the proxy answers an error itself).
+    pub from_headers: bool,
+}
+
+/// `Mcp-Method`, when present once and well formed (visible ASCII, at most 128 bytes).
+pub fn method_header(headers: &http::HeaderMap) -> Option<String> {
+    let mut values = headers.get_all("mcp-method").iter();
+    let (Some(v), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let b = v.as_bytes();
+    (!b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()))
+        .then(|| String::from_utf8_lossy(b).into_owned())
+}
+
+impl Peek {
+    /// A 2026-07-28 request: the method from `Mcp-Method`, the tool, prompt or resource from
+    /// `Mcp-Name`. The backend refuses a request whose headers and body disagree (-32020),
+    /// so these are what it runs.
+    pub fn from_headers(method: &str, headers: &http::HeaderMap) -> Self {
+        let name = headers
+            .get("mcp-name")
+            .and_then(|v| v.to_str().ok())
+            .map(|n| truncate(n, 256).to_owned());
+        Peek {
+            tool: name.clone().filter(|_| method == "tools/call"),
+            target: name,
+            method: Some(method.to_owned()),
+            id: None,
+            batch: false,
+            from_headers: true,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -107,6 +141,7 @@ pub fn peek(body: &[u8]) -> Peek {
                 method: m.method.map(|m| m.into_owned()),
                 id: m.id,
                 batch: false,
+                from_headers: false,
             }
         }
         Err(_) => Peek::default(),
@@ -304,6 +339,24 @@ pub fn error_body(id: Option<&Value>, code: i32, message: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_headers_replace_the_body_parse() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(method_header(&h), None);
+        h.insert("mcp-method", http::HeaderValue::from_static("tools/call"));
+        h.insert("mcp-name", http::HeaderValue::from_static("echo"));
+        let m = method_header(&h).unwrap();
+        let p = Peek::from_headers(&m, &h);
+        assert_eq!(p.method.as_deref(), Some("tools/call"));
+        assert_eq!(p.tool.as_deref(), Some("echo"));
+        assert!(p.from_headers && p.id.is_none());
+        h.append("mcp-method", http::HeaderValue::from_static("ping"));
+        assert_eq!(method_header(&h), None, "two values: not trusted");
+        h.remove("mcp-method");
+        h.insert("mcp-method", http::HeaderValue::from_static(""));
+        assert_eq!(method_header(&h), None);
+    }
 
     #[test]
     fn responses_tool_names_and_hints_are_read() {

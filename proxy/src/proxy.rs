@@ -361,7 +361,8 @@ impl McpProxy {
         extra: &[(&'static str, String)],
     ) -> Result<bool> {
         ctx.status = status;
-        respond::rpc_error(session, ctx.peek.id.as_ref(), status, code, message, extra).await?;
+        let id = request_id(session, ctx);
+        respond::rpc_error(session, id.as_ref(), status, code, message, extra).await?;
         Ok(true)
     }
 
@@ -478,6 +479,18 @@ impl McpProxy {
 }
 
 /// The client address for logs, `-` when unknown.
+/// The JSON-RPC id of the request, for errors the proxy answers itself: peeked, or (when the
+/// method came from headers) read from the buffered body now.
+pub(crate) fn request_id(session: &Session, ctx: &Ctx) -> Option<serde_json::Value> {
+    if ctx.peek.id.is_some() || !ctx.peek.from_headers {
+        return ctx.peek.id.clone();
+    }
+    session
+        .as_ref()
+        .get_retry_buffer()
+        .and_then(|b| mcp::peek(&b).id)
+}
+
 /// This request's open stream now counts on backend `b` (the relay moves it when it resumes
 /// on another backend).
 pub(crate) fn stream_moved(ctx: &mut Ctx, b: &Arc<crate::pool::BackendState>) {
@@ -566,6 +579,10 @@ fn short(session: Option<&str>) -> String {
 #[async_trait]
 impl ProxyHttp for McpProxy {
     type CTX = Ctx;
+
+    /// No downstream modules: pingora's default adds a (disabled) compression module, a
+    /// `Vec`, a `Box` and dynamic calls on every request; the proxy never compresses.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     fn new_ctx(&self) -> Ctx {
         Ctx {
@@ -797,23 +814,42 @@ impl ProxyHttp for McpProxy {
         // Read a small POST body first, so that even errors below can echo its id.
         // `Expect: 100-continue` clients send the body only after the backend's 100: not peeked.
         let expects = session.req_header().headers.contains_key(header::EXPECT);
+        let method_header = mcp::method_header(&session.req_header().headers);
         if post
             && !expects
             && let Some(len) = content_length.filter(|n| (1..=PEEK_LIMIT).contains(n))
         {
             session.enable_retry_buffering();
-            let mut body = BytesMut::with_capacity(len as usize);
+            // Most bodies arrive in one read: peeked where they are, copied only when split.
+            let mut first: Option<Bytes> = None;
+            let mut joined = BytesMut::new();
+            let mut got = 0u64;
             while let Some(chunk) = session
                 .read_request_body()
                 .await
                 .map_err(|e| e.into_down())?
             {
-                body.extend_from_slice(&chunk);
-                if body.len() as u64 >= len {
+                got += chunk.len() as u64;
+                match first.take() {
+                    None if joined.is_empty() => first = Some(chunk),
+                    earlier => {
+                        if let Some(e) = earlier {
+                            joined.reserve(len as usize);
+                            joined.extend_from_slice(&e);
+                        }
+                        joined.extend_from_slice(&chunk);
+                    }
+                }
+                if got >= len {
                     break;
                 }
             }
-            ctx.peek = mcp::peek(&body);
+            ctx.peek = match &method_header {
+                // 2026-07-28 requests name their method in headers, which the backend checks
+                // against the body (-32020): no body parse here.
+                Some(m) => mcp::Peek::from_headers(m, &session.req_header().headers),
+                None => mcp::peek(first.as_deref().unwrap_or(&joined)),
+            };
         }
         let req = session.req_header();
         if let Some(v) = req.headers.get("mcp-session-id") {
@@ -894,7 +930,10 @@ impl ProxyHttp for McpProxy {
             Kind::Post | Kind::LegacyMessage => t.read,
         });
         peer.options.write_timeout = Some(t.write);
-        peer.options.idle_timeout = Some(t.upstream_keepalive);
+        // Zero: no idle timer per pooled connection (it stays until the backend closes it or
+        // the pool makes room).
+        peer.options.idle_timeout =
+            (!t.upstream_keepalive.is_zero()).then_some(t.upstream_keepalive);
         Ok(Box::new(peer))
     }
 

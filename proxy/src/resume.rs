@@ -125,7 +125,7 @@ impl McpProxy {
                 };
                 let body = serde_json::json!({
                     "jsonrpc": "2.0",
-                    "id": ctx.peek.id.clone().unwrap_or(serde_json::Value::Null),
+                    "id": crate::proxy::request_id(session, ctx).unwrap_or(serde_json::Value::Null),
                     "error": {"code": BACKEND_FAILED, "message": message,
                               "data": {"retryable": repeatable}},
                 });
