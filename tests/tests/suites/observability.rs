@@ -607,3 +607,66 @@ async fn metrics_count_exactly_what_a_scripted_scenario_did() {
     );
     assert_eq!(total(&ma, "mcp_backend_session_workers", &[]), 0.0);
 }
+
+/// A 2026-07-28 request names its method in `Mcp-Method`: the proxy routes and counts on it
+/// without reading the body, so a body that says something else is refused by the backend
+/// (400, -32020) and never run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_method_header_that_lies_about_the_body_is_refused() {
+    let redis = Redis::start(false).await.expect("redis");
+    let a = Backend::start("h-a", Some(&redis.url()), &[])
+        .await
+        .expect("a");
+    let proxy = Proxy::start(&[a.address()], "shared_sessions: true\n")
+        .await
+        .expect("proxy");
+    let mut client = McpClient::new();
+    client
+        .initialize(&proxy.mcp(), json!({}))
+        .await
+        .expect("initialize");
+    let send = |method: &'static str, name: &'static str, id: i64| {
+        let mut r = client
+            .http
+            .post(proxy.mcp())
+            .header("accept", "application/json, text/event-stream")
+            .header("content-type", "application/json")
+            .header("mcp-protocol-version", &client.protocol)
+            .header("mcp-method", method)
+            .header("mcp-name", name)
+            .body(
+                json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                       "params": {"name": "echo", "arguments": {"message": "x"}}})
+                .to_string(),
+            );
+        if let Some(s) = &client.session {
+            r = r.header("mcp-session-id", s);
+        }
+        r.send()
+    };
+    let honest = send("tools/call", "echo", 2).await.expect("send");
+    assert_eq!(honest.status(), 200);
+    let lying = send("tools/list", "echo", 3).await.expect("send");
+    assert_eq!(lying.status(), 400);
+    let body: Value = lying.json().await.expect("json");
+    assert_eq!(body["error"]["code"], -32020, "{body}");
+    assert_eq!(body["id"], 3, "{body}");
+    let renamed = send("tools/call", "slow_task", 4).await.expect("send");
+    assert_eq!(renamed.status(), 400);
+    let m = metrics_of(&format!("{}/metrics", a.base())).await;
+    assert_eq!(
+        total(&m, "mcp_backend_tool_calls_total", &["tool=\"echo\""]),
+        1.0,
+        "only the honest call ran"
+    );
+    // The proxy counted the requests under the header's method, without parsing bodies.
+    let p = metrics_of(&proxy.admin_url("/metrics")).await;
+    assert_eq!(
+        total(
+            &p,
+            "mcp_proxy_requests_total",
+            &["method=\"tools/list\"", "status=\"400\""]
+        ),
+        1.0
+    );
+}
