@@ -16,8 +16,23 @@ use pingora::services::background::BackgroundService;
 use crate::config::HealthConfig;
 use crate::state::Shared;
 
-/// How often the loop looks for due checks; bounds the lateness of a check.
-const TICK: Duration = Duration::from_millis(20);
+/// How often the loop looks for due checks: a quarter of the shortest `interval_ms`, within
+/// these bounds. It bounds how late a check runs (and a JWKS refresh starts); an idle proxy
+/// with the default 2 s interval wakes twice a second, not fifty times (benches/run measured
+/// 650k-750k instructions a second of idle proxy with a fixed 20 ms tick).
+const MIN_TICK: Duration = Duration::from_millis(20);
+const MAX_TICK: Duration = Duration::from_millis(500);
+
+fn tick(snapshot: &crate::state::Snapshot) -> Duration {
+    snapshot
+        .pools
+        .iter()
+        .filter(|p| p.checker.is_some())
+        .map(|p| p.config.health.interval / 4)
+        .min()
+        .unwrap_or(MAX_TICK)
+        .clamp(MIN_TICK, MAX_TICK)
+}
 
 pub struct HealthChecker {
     pub shared: Arc<Shared>,
@@ -48,6 +63,7 @@ impl BackgroundService for HealthChecker {
             }
         };
         let mut last_sweep = Instant::now();
+        let mut wait = tick(&self.shared.snapshot());
         loop {
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -65,9 +81,10 @@ impl BackgroundService for HealthChecker {
                         Err(e) => tracing::error!(error = %e, "reload failed; keeping the running configuration"),
                     }
                 }
-                _ = tokio::time::sleep(TICK) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
             let snapshot = self.shared.snapshot();
+            wait = tick(&snapshot);
             let now = Instant::now();
             for pool in &snapshot.pools {
                 let Some(hc) = &pool.checker else {
