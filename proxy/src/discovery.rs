@@ -149,6 +149,14 @@ impl BackgroundService for Discovery {
                 _ = shutdown.changed() => return,
                 () = tokio::time::sleep(TICK) => {}
             }
+            // Most configs discover nothing: then the loop costs a lock, not a config clone.
+            if !self
+                .shared
+                .with_base(|c| c.pools.iter().any(|p| !p.discover.is_empty()))
+            {
+                due.clear();
+                continue;
+            }
             let base = self.shared.base_config();
             let now = Instant::now();
             let mut changed = false;

@@ -45,6 +45,8 @@ pub(crate) fn http_check(h: &HealthConfig) -> pingora::Result<HttpHealthCheck> {
     req.insert_header("Host", &h.host)?;
     req.insert_header("User-Agent", "mcp-proxy-health")?;
     hc.req = req;
+    // One connection per backend across checks, not a new one every interval.
+    hc.reuse_connection = true;
     hc.peer_template.options.connection_timeout = Some(h.timeout);
     hc.peer_template.options.read_timeout = Some(h.timeout);
     hc.peer_template.options.write_timeout = Some(h.timeout);

@@ -97,10 +97,10 @@ impl Limiter {
 
     /// Counts a failed authentication of the client address `key`; past its bucket the
     /// answer is 429 instead of 401, so guessing keys is slow.
-    pub fn charge_failure(&self, key: &str) -> Result<(), Refusal> {
+    pub fn charge_failure(&self, key: &String) -> Result<(), Refusal> {
         match &self.failures {
             Some(f) => f
-                .check_key(&key.to_owned())
+                .check_key(key)
                 .map_err(|n| Refusal::AuthFailures(retry_after(&n))),
             None => Ok(()),
         }
@@ -108,15 +108,22 @@ impl Limiter {
 
     /// Takes one request of `key` through the rate and concurrency limits; a stream (a GET
     /// that opens SSE) also counts against the stream limit.
-    pub fn admit(&self, key: &str, stream: bool) -> Result<Ticket, Refusal> {
+    pub fn admit(&self, key: String, stream: bool) -> Result<Ticket, Refusal> {
         if let Some(rate) = &self.rate
-            && let Err(n) = rate.check_key(&key.to_owned())
+            && let Err(n) = rate.check_key(&key)
         {
             return Err(Refusal::Rate(retry_after(&n)));
         }
-        let mut map = self.in_flight.lock().map_err(|_| Refusal::Concurrency)?;
-        let entry = map.entry(key.to_owned()).or_default();
         let l = &self.limits;
+        if l.max_concurrent_requests == 0 && l.max_streams == 0 {
+            // Nothing to count: no entry, and `release` has nothing to find.
+            return Ok(Ticket {
+                key: String::new(),
+                stream,
+            });
+        }
+        let mut map = self.in_flight.lock().map_err(|_| Refusal::Concurrency)?;
+        let entry = map.entry(key.clone()).or_default();
         if l.max_concurrent_requests > 0 && entry.requests >= l.max_concurrent_requests {
             return Err(Refusal::Concurrency);
         }
@@ -125,13 +132,13 @@ impl Limiter {
         }
         entry.requests += 1;
         entry.streams += u32::from(stream);
-        Ok(Ticket {
-            key: key.to_owned(),
-            stream,
-        })
+        Ok(Ticket { key, stream })
     }
 
     pub fn release(&self, ticket: Ticket) {
+        if ticket.key.is_empty() {
+            return;
+        }
         if let Ok(mut map) = self.in_flight.lock()
             && let Some(e) = map.get_mut(&ticket.key)
         {
@@ -243,12 +250,14 @@ mod tests {
     fn a_burst_over_the_rate_is_refused_for_that_key_only() {
         let l = Limiter::new(limits(1, 3, 0, 0));
         for _ in 0..3 {
-            let t = l.admit("a", false).unwrap_or_else(|e| panic!("{e:?}"));
+            let t = l
+                .admit("a".into(), false)
+                .unwrap_or_else(|e| panic!("{e:?}"));
             l.release(t);
         }
-        assert!(matches!(l.admit("a", false), Err(Refusal::Rate(s)) if s >= 1));
+        assert!(matches!(l.admit("a".into(), false), Err(Refusal::Rate(s)) if s >= 1));
         assert!(
-            l.admit("b", false).is_ok(),
+            l.admit("b".into(), false).is_ok(),
             "another key has its own bucket"
         );
     }
@@ -256,13 +265,17 @@ mod tests {
     #[test]
     fn concurrency_and_streams_are_counted_and_released() {
         let l = Limiter::new(limits(0, 1, 2, 1));
-        let a = l.admit("p", true).unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(l.admit("p", true).err(), Some(Refusal::Streams));
-        let b = l.admit("p", false).unwrap_or_else(|e| panic!("{e:?}"));
-        assert_eq!(l.admit("p", false).err(), Some(Refusal::Concurrency));
+        let a = l
+            .admit("p".into(), true)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(l.admit("p".into(), true).err(), Some(Refusal::Streams));
+        let b = l
+            .admit("p".into(), false)
+            .unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(l.admit("p".into(), false).err(), Some(Refusal::Concurrency));
         l.release(a);
         l.release(b);
         assert_eq!(l.tracked(), 0, "an idle key leaves the map");
-        assert!(l.admit("p", true).is_ok());
+        assert!(l.admit("p".into(), true).is_ok());
     }
 }

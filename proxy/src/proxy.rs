@@ -276,9 +276,13 @@ impl McpProxy {
             }
         }
         if let Some(peer) = session.client_addr().and_then(|a| a.as_inet()) {
+            let ip = match peer.ip() {
+                IpAddr::V4(a) => ipv4_text("", a),
+                other => other.to_string(),
+            };
             let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(prev) => format!("{prev}, {}", peer.ip()),
-                None => peer.ip().to_string(),
+                Some(prev) => format!("{prev}, {ip}"),
+                None => ip,
             };
             set.push(("X-Forwarded-For", xff));
         }
@@ -427,7 +431,7 @@ impl McpProxy {
             None => address_key(ctx.client_ip),
         };
         let stream = matches!(ctx.kind, Kind::Stream | Kind::LegacyStream);
-        match pool.limiter.admit(&key, stream) {
+        match pool.limiter.admit(key, stream) {
             Ok(t) => {
                 ctx.ticket = Some(t);
                 Ok(false)
@@ -512,13 +516,33 @@ fn address_key(ip: Option<IpAddr>) -> String {
             let s = a.segments();
             format!("ip:{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
         }
-        Some(IpAddr::V6(a)) => format!(
-            "ip:{}",
-            a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)
-        ),
-        Some(ip) => format!("ip:{ip}"),
+        Some(IpAddr::V6(a)) => match a.to_ipv4_mapped() {
+            Some(v4) => ipv4_text("ip:", v4),
+            None => format!("ip:{a}"),
+        },
+        Some(IpAddr::V4(a)) => ipv4_text("ip:", a),
         None => "ip:-".to_owned(),
     }
+}
+
+/// `prefix` then `a` in dotted decimal, without the formatting machinery (it runs for every
+/// request: the limiter key and `X-Forwarded-For`).
+pub(crate) fn ipv4_text(prefix: &str, a: std::net::Ipv4Addr) -> String {
+    let mut out = String::with_capacity(prefix.len() + 15);
+    out.push_str(prefix);
+    for (i, o) in a.octets().into_iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        if o >= 100 {
+            out.push(char::from(b'0' + o / 100));
+        }
+        if o >= 10 {
+            out.push(char::from(b'0' + o / 10 % 10));
+        }
+        out.push(char::from(b'0' + o % 10));
+    }
+    out
 }
 
 /// Pins are kept per principal and session: another principal presenting the same session id
@@ -1276,6 +1300,13 @@ impl ProxyHttp for McpProxy {
         }
     }
 
+    /// A client that goes away (closed, reset, stopped reading) is its own business: the
+    /// access log records the request with its error; pingora's ERROR line per disconnect is
+    /// noise, and costs a formatted line on the writer thread each time.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
+        *error.esource() == ErrorSource::Downstream
+    }
+
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         self.release(ctx);
         if let (Some(t), Some(pool)) = (ctx.ticket.take(), &ctx.pool) {
@@ -1300,8 +1331,10 @@ impl ProxyHttp for McpProxy {
             .map_or(ctx.status, |r| r.status.as_u16());
         let backend = ctx.backend.map_or("-", |i| pool.backends[i].name.as_str());
         let method = mcp::method_label(ctx.peek.method.as_deref());
+        let code = http::StatusCode::from_u16(status).ok();
+        let status_label = code.as_ref().map_or("0", http::StatusCode::as_str);
         m.requests
-            .with_label_values(&[name, backend, &status.to_string(), method])
+            .with_label_values(&[name, backend, status_label, method])
             .inc();
         let elapsed = ctx.start.elapsed();
         m.duration
@@ -1390,6 +1423,17 @@ mod tests {
             address_key(ip("2001:db8:1:3::1"))
         );
         assert_eq!(address_key(ip("::ffff:10.0.0.1")), "ip:10.0.0.1");
+        for a in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.0.100.255",
+            "255.255.255.255",
+            "192.168.9.10",
+        ] {
+            let v4: std::net::Ipv4Addr = a.parse().unwrap();
+            assert_eq!(ipv4_text("", v4), a);
+            assert_eq!(address_key(Some(IpAddr::V4(v4))), format!("ip:{a}"));
+        }
         assert_eq!(address_key(ip("10.0.0.1")), "ip:10.0.0.1");
         assert_eq!(address_key(None), "ip:-");
     }

@@ -158,6 +158,11 @@ impl Shared {
     }
 
     /// The config as loaded, before discovered and admin-added backends.
+    /// Reads the config as loaded without copying it.
+    pub fn with_base<T>(&self, f: impl FnOnce(&Config) -> T) -> T {
+        f(&self.base.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     pub fn base_config(&self) -> Config {
         self.base.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
