@@ -48,7 +48,9 @@ pub mod defaults {
     pub const WRITE_MS: u64 = 30_000;
     pub const SSE_IDLE_MS: u64 = 600_000;
     pub const UPSTREAM_KEEPALIVE_MS: u64 = 60_000;
-    pub const LISTENER_READ_BUFFER_BYTES: usize = 64 * 1024;
+    /// No read buffer: pingora's default 64 KiB one cost 4.4 KiB of RSS per idle SSE stream
+    /// and saved no instructions (benches, callgrind: 85.1k vs 85.2k per small POST).
+    pub const LISTENER_READ_BUFFER_BYTES: usize = 0;
     pub const LISTENER_WRITE_BUFFER_BYTES: usize = 1460;
     /// Idle upstream connections kept for reuse, per process. Pingora's own default (128) is
     /// below the concurrency of a busy edge: past it every request opens a new connection.
