@@ -951,7 +951,9 @@ mod tests {
             headers(&[("mcp-method", "tools/call"), ("mcp-name", "rm")]),
             headers(&[("mcp-name", "echo2")]),
         ] {
-            let r = check_method_headers(&bad, body).err().expect("refused");
+            let Err(r) = check_method_headers(&bad, body) else {
+                panic!("accepted a header that disagrees with the body");
+            };
             assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         }
         let read = br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"system://info"}}"#;

@@ -16,32 +16,6 @@ const BUCKETS: &[f64] = &[
     10.0, 60.0,
 ];
 
-/// MCP methods counted under their own name (notifications are all `notification`);
-/// anything else is `other`.
-const METHODS: &[&str] = &[
-    "initialize",
-    "ping",
-    "tools/list",
-    "tools/call",
-    "resources/list",
-    "resources/templates/list",
-    "resources/read",
-    "resources/subscribe",
-    "resources/unsubscribe",
-    "prompts/list",
-    "prompts/get",
-    "completion/complete",
-    "logging/setLevel",
-    "notifications/initialized",
-    "notifications/cancelled",
-    "notifications/progress",
-    "notifications/roots/list_changed",
-    "tasks/get",
-    "tasks/list",
-    "tasks/cancel",
-    "tasks/result",
-];
-
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -84,14 +58,8 @@ pub fn metrics() -> &'static Metrics {
     &METRICS
 }
 
-/// A bounded label for an MCP method.
-pub fn method_label(method: &str) -> &'static str {
-    METHODS
-        .iter()
-        .find(|m| **m == method)
-        .copied()
-        .unwrap_or("other")
-}
+/// A bounded label for an MCP method (notifications are all `notification`, see `http.rs`).
+pub use telemetry::method_label;
 
 impl Metrics {
     fn new() -> Result<Self, prometheus::Error> {

@@ -159,33 +159,7 @@ fn truncate(s: &str, max: usize) -> &str {
 
 /// A bounded label for metrics: known MCP methods as themselves, anything else "other".
 pub fn method_label(method: Option<&str>) -> &'static str {
-    const KNOWN: &[&str] = &[
-        "initialize",
-        "ping",
-        "tools/list",
-        "tools/call",
-        "resources/list",
-        "resources/templates/list",
-        "resources/read",
-        "resources/subscribe",
-        "resources/unsubscribe",
-        "prompts/list",
-        "prompts/get",
-        "completion/complete",
-        "logging/setLevel",
-        "notifications/initialized",
-        "notifications/cancelled",
-        "notifications/progress",
-        "notifications/roots/list_changed",
-        "tasks/get",
-        "tasks/list",
-        "tasks/result",
-        "tasks/cancel",
-    ];
-    match method {
-        None => "-",
-        Some(m) => KNOWN.iter().find(|k| **k == m).copied().unwrap_or("other"),
-    }
+    method.map_or("-", telemetry::method_label)
 }
 
 /// Finds the session id in the first `endpoint` event of a 2024-11-05 SSE stream

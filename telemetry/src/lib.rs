@@ -63,3 +63,38 @@ pub fn metric_names(text: &str, prefix: &str) -> std::collections::BTreeSet<Stri
         })
         .collect()
 }
+
+/// MCP methods that are metric labels under their own name; anything else is counted as
+/// `other` (a client chooses the method: labels must stay bounded).
+pub const METHOD_LABELS: &[&str] = &[
+    "initialize",
+    "ping",
+    "tools/list",
+    "tools/call",
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+    "logging/setLevel",
+    "notifications/initialized",
+    "notifications/cancelled",
+    "notifications/progress",
+    "notifications/roots/list_changed",
+    "tasks/get",
+    "tasks/list",
+    "tasks/cancel",
+    "tasks/result",
+];
+
+/// A bounded metric label for the MCP method `method`: itself when known, else `other`.
+pub fn method_label(method: &str) -> &'static str {
+    METHOD_LABELS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}

@@ -59,21 +59,35 @@ async fn traced_proxy(backends: &[&Backend], collector: &Collector, telemetry: &
     .expect("proxy")
 }
 
-/// A client whose requests carry the caller's own `traceparent`.
-fn traced_client() -> McpClient {
+/// A client whose every request carries `name: value`.
+fn client_with(name: &'static str, value: &str) -> McpClient {
     let mut headers = reqwest::header::HeaderMap::new();
-    headers.insert(
-        "traceparent",
-        format!("00-{CLIENT_TRACE}-b7ad6b7169203331-01")
-            .parse()
-            .expect("header"),
-    );
+    headers.insert(name, value.parse().expect("header"));
     let mut c = McpClient::new();
     c.http = reqwest::Client::builder()
         .default_headers(headers)
         .build()
         .expect("client");
     c
+}
+
+/// A client whose requests carry the caller's own `traceparent`.
+fn traced_client() -> McpClient {
+    client_with(
+        "traceparent",
+        &format!("00-{CLIENT_TRACE}-b7ad6b7169203331-01"),
+    )
+}
+
+/// Starts a session on `url` and makes `calls` echo calls in it (ids 2, 3, ...).
+async fn session_with_calls(client: &mut McpClient, url: &str, calls: i64) {
+    client.initialize(url, json!({})).await.expect("initialize");
+    for id in 2..2 + calls {
+        client
+            .tool(url, id, "echo", json!({"message": "m"}))
+            .await
+            .expect("echo");
+    }
 }
 
 fn children<'a>(spans: &'a [Span], parent: &Span) -> Vec<&'a Span> {
@@ -319,16 +333,7 @@ async fn the_status_page_shows_a_killed_backend_turn_unhealthy_in_a_real_browser
         .await
         .expect("proxy");
     let mut client = McpClient::new();
-    client
-        .initialize(&proxy.mcp(), json!({}))
-        .await
-        .expect("initialize");
-    for id in 2..6 {
-        client
-            .tool(&proxy.mcp(), id, "echo", json!({"message": "page"}))
-            .await
-            .expect("echo");
-    }
+    session_with_calls(&mut client, &proxy.mcp(), 4).await;
     let dir = tests::TempDir::new("browser");
     let shot = std::env::var("STATUS_SCREENSHOT")
         .map(std::path::PathBuf::from)
@@ -431,27 +436,8 @@ async fn metrics_count_exactly_what_a_scripted_scenario_did() {
     })
     .await
     .expect("proxy");
-    let client_as = |ip: &str| {
-        let mut headers = reqwest::header::HeaderMap::new();
-        headers.insert("x-forwarded-for", ip.parse().expect("ip"));
-        let mut c = McpClient::new();
-        c.http = reqwest::Client::builder()
-            .default_headers(headers)
-            .build()
-            .expect("client");
-        c
-    };
-    let mut client = client_as("10.0.0.1");
-    client
-        .initialize(&proxy.mcp(), json!({}))
-        .await
-        .expect("initialize");
-    for id in 2..6 {
-        client
-            .tool(&proxy.mcp(), id, "echo", json!({"message": "m"}))
-            .await
-            .expect("echo");
-    }
+    let mut client = client_with("x-forwarded-for", "10.0.0.1");
+    session_with_calls(&mut client, &proxy.mcp(), 4).await;
     let (ma, mb) = (
         metrics_of(&format!("{}/metrics", a.base())).await,
         metrics_of(&format!("{}/metrics", b.base())).await,
@@ -524,7 +510,7 @@ async fn metrics_count_exactly_what_a_scripted_scenario_did() {
     }
 
     // Another client goes over its rate: every 429 is counted, and only those.
-    let noisy = client_as("10.0.0.2");
+    let noisy = client_with("x-forwarded-for", "10.0.0.2");
     let mut refused = 0.0;
     for id in 0..40 {
         let r = noisy
