@@ -235,6 +235,22 @@ impl McpProxy {
             .inc();
     }
 
+    /// Counts this attempt on backend `i`, for pingora's attempts and the stream relay's alike:
+    /// the backend's request and active counts, the request's attempt number and its span.
+    pub(crate) fn count(&self, ctx: &mut Ctx, pool: &Pool, i: usize) {
+        ctx.backend = Some(i);
+        ctx.first.get_or_insert(i);
+        ctx.attempts += 1;
+        let b = &pool.backends[i];
+        b.requests.fetch_add(1, Ordering::Relaxed);
+        b.active.fetch_add(1, Ordering::Relaxed);
+        ctx.counted = true;
+        ctx.attempt_start = Some(Instant::now());
+        if let Some(t) = ctx.trace.as_mut() {
+            t.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
+        }
+    }
+
     pub(crate) fn release(&self, ctx: &mut Ctx) {
         if ctx.counted
             && let (Some(pool), Some(i)) = (&ctx.pool, ctx.backend)
@@ -932,19 +948,10 @@ impl ProxyHttp for McpProxy {
                 return Error::e_explain(ErrorType::HTTPStatus(503), "no backend to route to");
             }
         };
-        ctx.backend = Some(i);
-        ctx.first.get_or_insert(i);
         // request_body_filter sees the whole body again on every attempt.
         ctx.body_bytes = 0;
-        ctx.attempts += 1;
+        self.count(ctx, &pool, i);
         let b = &pool.backends[i];
-        b.requests.fetch_add(1, Ordering::Relaxed);
-        b.active.fetch_add(1, Ordering::Relaxed);
-        ctx.counted = true;
-        ctx.attempt_start = Some(Instant::now());
-        if let Some(t) = ctx.trace.as_mut() {
-            t.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
-        }
 
         let t = &pool.config.timeouts;
         let mut peer = HttpPeer::new(b.address, false, String::new());

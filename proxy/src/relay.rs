@@ -15,7 +15,6 @@
 //! healthy backend even while the one it used is down.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -333,20 +332,6 @@ impl McpProxy {
             return self.answer_failure(session, ctx).await;
         }
         Ok(true)
-    }
-
-    /// Counts this attempt on backend `i` (as `upstream_peer` does for proxied requests).
-    fn count(&self, ctx: &mut Ctx, pool: &Pool, i: usize) {
-        ctx.backend = Some(i);
-        ctx.first.get_or_insert(i);
-        ctx.attempts += 1;
-        let b = &pool.backends[i];
-        b.requests.fetch_add(1, Ordering::Relaxed);
-        b.active.fetch_add(1, Ordering::Relaxed);
-        ctx.counted = true;
-        if let Some(t) = ctx.trace.as_mut() {
-            t.attempt(&self.shared, &b.name, &b.address.to_string(), ctx.attempts);
-        }
     }
 
     /// Writes the stream's response head, once, from the first backend's.
