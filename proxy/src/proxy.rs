@@ -521,7 +521,11 @@ pub(crate) fn stream_moved(ctx: &mut Ctx, b: &Arc<crate::pool::BackendState>) {
 }
 
 fn client_label(ip: Option<IpAddr>) -> String {
-    ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string())
+    match ip {
+        Some(IpAddr::V4(a)) => ipv4_text("", a),
+        Some(ip) => ip.to_string(),
+        None => "-".to_owned(),
+    }
 }
 
 /// The limit key of an unauthenticated client: its address, IPv6 by /64 (one host's share of
@@ -1386,29 +1390,32 @@ impl ProxyHttp for McpProxy {
             t.finish(status, error.as_deref(), failover);
             t.id()
         });
-        if ctx
+        if !ctx
             .snapshot
             .as_ref()
             .is_some_and(|s| s.config.server.access_log)
         {
+            return;
+        }
+        if let Some(mut line) = telemetry::access::line("request") {
             let req = session.req_header();
-            tracing::info!(
-                target: "access",
-                client = %client_label(ctx.client_ip),
-                method = %req.method,
-                path = %req.uri.path(),
-                status,
-                pool = name,
-                backend,
-                mcp_method = ctx.peek.method.as_deref().unwrap_or("-"),
-                session = %short(ctx.session.as_deref()),
-                principal = ctx.principal.as_ref().map_or("-", Principal::short),
-                attempts = ctx.attempts,
-                duration_ms = elapsed.as_secs_f64() * 1000.0,
-                error = error.as_deref().unwrap_or(""),
-                trace_id = trace_id.as_deref().unwrap_or("-"),
-                "request"
-            );
+            line.str("client", &client_label(ctx.client_ip))
+                .str("method", req.method.as_str())
+                .str("path", req.uri.path())
+                .uint("status", u64::from(status))
+                .str("pool", name)
+                .str("backend", backend)
+                .str("mcp_method", ctx.peek.method.as_deref().unwrap_or("-"))
+                .str("session", &short(ctx.session.as_deref()))
+                .str(
+                    "principal",
+                    ctx.principal.as_ref().map_or("-", Principal::short),
+                )
+                .uint("attempts", ctx.attempts as u64)
+                .millis("duration_ms", elapsed)
+                .str("error", error.as_deref().unwrap_or("-"))
+                .str("trace_id", trace_id.as_deref().unwrap_or("-"));
+            line.emit();
         }
     }
 }

@@ -30,7 +30,8 @@ pub struct TelemetryConfig {
     /// The log level or filter (`info`, `warn,access=off`); `RUST_LOG` wins. Unset: `info`
     /// (`info,rmcp=warn` for the backend).
     pub log_level: Option<String>,
-    /// Log lines held for a slow stdout before new ones are dropped (and counted).
+    /// Log lines held for a slow stdout before new ones are dropped (and counted); the
+    /// buffer is also bounded to this many KiB.
     pub log_buffer_lines: usize,
     /// The OTLP collector: `http://host:4317` for gRPC, `http://host:4318` for HTTP (the
     /// signal path `/v1/traces` is added when missing).

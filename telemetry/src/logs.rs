@@ -1,28 +1,29 @@
 //! Log lines on stdout, text or JSON, each with the node id and (inside a traced request) the
-//! trace id. A background thread writes them: a request never waits for stdout. When stdout
-//! cannot keep up, new lines are dropped past `log_buffer_lines` and counted.
+//! trace id. A background thread writes them in batches ([`crate::writer`]): a request never
+//! waits for stdout. When stdout cannot keep up, new lines are dropped past `log_buffer_lines`
+//! (or that many KiB) and counted.
 
 use std::fmt;
 
 use tracing::{Event, Subscriber};
-use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::registry::LookupSpan;
 
 use crate::config::{LogFormat, TelemetryConfig};
+use crate::writer::{self, Flusher, LineSink};
 
 /// Keeps the writer thread; dropping it writes out what is buffered.
 pub struct Guard {
-    _worker: WorkerGuard,
-    dropped: ErrorCounter,
+    _flusher: Flusher,
+    sink: LineSink,
 }
 
 impl fmt::Debug for Guard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("dropped", &self.dropped.dropped_lines())
+            .field("dropped", &self.sink.dropped())
             .finish()
     }
 }
@@ -30,17 +31,17 @@ impl fmt::Debug for Guard {
 impl Guard {
     /// A handle on the count of dropped lines, for metrics.
     pub fn drops(&self) -> LogDrops {
-        LogDrops(self.dropped.clone())
+        LogDrops(self.sink.clone())
     }
 }
 
 /// Log lines dropped because stdout could not keep up (the writer never blocks).
 #[derive(Clone)]
-pub struct LogDrops(ErrorCounter);
+pub struct LogDrops(LineSink);
 
 impl LogDrops {
     pub fn count(&self) -> u64 {
-        self.0.dropped_lines() as u64
+        self.0.dropped()
     }
 }
 
@@ -55,16 +56,18 @@ pub fn init(config: &TelemetryConfig, node: &str, default_level: &str) -> anyhow
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .map_err(|e| anyhow::anyhow!("telemetry.log_level: {e}"))?;
-    let (writer, worker) = NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(config.log_buffer_lines)
-        .thread_name("log-writer")
-        .finish(std::io::stdout());
-    let dropped = writer.error_counter();
+    let lines = config.log_buffer_lines;
+    let (writer, flusher) = writer::spawn(
+        Box::new(std::io::stdout()),
+        lines,
+        lines.saturating_mul(1024),
+    )
+    .map_err(|e| anyhow::anyhow!("cannot start the log writer thread: {e}"))?;
+    crate::access::install(writer.clone(), node, config.format() == LogFormat::Json);
     let node = node.to_owned();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer);
+        .with_writer(writer.clone());
     let result = match config.format() {
         LogFormat::Json => builder
             .event_format(Tagged {
@@ -83,8 +86,8 @@ pub fn init(config: &TelemetryConfig, node: &str, default_level: &str) -> anyhow
     };
     result.map_err(|e| anyhow::anyhow!("cannot set up logging: {e}"))?;
     Ok(Guard {
-        _worker: worker,
-        dropped,
+        _flusher: flusher,
+        sink: writer,
     })
 }
 
