@@ -333,9 +333,11 @@ fn session_header(headers: &HeaderMap) -> Result<Option<String>, Response> {
 
 /// Classifies a POST body: `Ok(Some(request id))` for `initialize`, `Ok(None)` for any other
 /// message, or the error response.
-fn check_body(body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
+fn check_body(headers: &HeaderMap, body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
     match serde_json::from_slice::<ClientJsonRpcMessage>(body) {
         Ok(ClientJsonRpcMessage::Request(r)) => {
+            let id = || serde_json::to_value(&r.id).ok();
+            check_method_headers(headers, Some(r.request.method()), named(&r.request), id)?;
             let target = match &r.request {
                 ClientRequest::CallToolRequest(c) => Some(c.params.name.to_string()),
                 ClientRequest::GetPromptRequest(p) => Some(p.params.name.clone()),
@@ -350,14 +352,25 @@ fn check_body(body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
                 .then(|| serde_json::to_value(&r.id).unwrap_or(Value::Null));
             Ok((init, rpc))
         }
-        Ok(ClientJsonRpcMessage::Notification(_)) => Ok((
-            None,
-            Rpc {
-                method: "notification",
-                target: None,
-            },
-        )),
-        Ok(_) => Ok((None, Rpc::default())),
+        Ok(ClientJsonRpcMessage::Notification(_)) => {
+            if headers.contains_key("mcp-method") || headers.contains_key("mcp-name") {
+                // rmcp's notification types do not say their method; rare enough to re-read.
+                let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+                let method = v.get("method").and_then(Value::as_str);
+                check_method_headers(headers, method, None, || None)?;
+            }
+            Ok((
+                None,
+                Rpc {
+                    method: "notification",
+                    target: None,
+                },
+            ))
+        }
+        Ok(_) => {
+            check_method_headers(headers, None, None, || None)?;
+            Ok((None, Rpc::default()))
+        }
         Err(e) if e.is_syntax() || e.is_eof() => Err(rpc_error(
             StatusCode::BAD_REQUEST,
             -32700,
@@ -381,40 +394,77 @@ fn check_body(body: &[u8]) -> Result<(Option<Value>, Rpc), Response> {
 /// JSON-RPC error of a request whose `Mcp-Method` / `Mcp-Name` headers disagree with its body.
 pub const HEADER_MISMATCH: i32 = -32020;
 
-/// A request that names its method in `Mcp-Method` (and its tool, prompt or resource in
-/// `Mcp-Name`, 2026-07-28) must say the same in its body: the proxy routes, retries and counts
-/// on the headers without reading the body.
-fn check_method_headers(headers: &HeaderMap, body: &[u8]) -> Result<(), Response> {
-    let method = headers.get("mcp-method");
-    let name = headers.get("mcp-name");
-    if method.is_none() && name.is_none() {
-        return Ok(());
+/// What a request's `Mcp-Name` must say (SEP-2243's table): the tool or prompt name, the
+/// resource URI, or the task id; `None` for methods that name nothing.
+fn named(request: &ClientRequest) -> Option<&str> {
+    match request {
+        ClientRequest::CallToolRequest(r) => Some(&r.params.name),
+        ClientRequest::GetPromptRequest(r) => Some(&r.params.name),
+        ClientRequest::ReadResourceRequest(r) => Some(&r.params.uri),
+        ClientRequest::SubscribeRequest(r) => Some(&r.params.uri),
+        ClientRequest::UnsubscribeRequest(r) => Some(&r.params.uri),
+        ClientRequest::GetTaskRequest(r) => Some(&r.params.task_id),
+        ClientRequest::UpdateTaskRequest(r) => Some(&r.params.task_id),
+        ClientRequest::CancelTaskRequest(r) => Some(&r.params.task_id),
+        _ => None,
     }
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
-    let id = v.get("id").cloned();
+}
+
+/// A request that names its method in `Mcp-Method` (and what it acts on in `Mcp-Name`,
+/// 2026-07-28) must say the same in its body: the proxy routes, retries and counts on the
+/// headers without reading the body. Absent headers are fine (older clients); a header sent
+/// twice, a `Mcp-Name` on a method that names nothing, or a `=?base64?...?=` value that does
+/// not decode is a mismatch, so no intermediary can read a request differently from us.
+fn check_method_headers(
+    headers: &HeaderMap,
+    method: Option<&str>,
+    name: Option<&str>,
+    id: impl Fn() -> Option<Value>,
+) -> Result<(), Response> {
     let mismatch = |what: &str| {
         rpc_error(
             StatusCode::BAD_REQUEST,
             HEADER_MISMATCH,
             format!("the {what} header does not match the request body"),
-            id.clone(),
+            id(),
         )
     };
-    if let Some(m) = method
-        && v.get("method").and_then(Value::as_str).map(str::as_bytes) != Some(m.as_bytes())
-    {
-        return Err(mismatch("Mcp-Method"));
-    }
-    if let Some(n) = name {
-        let params = v.get("params");
-        let named = params
-            .and_then(|p| p.get("name").or_else(|| p.get("uri")))
-            .and_then(Value::as_str);
-        if named.map(str::as_bytes) != Some(n.as_bytes()) {
-            return Err(mismatch("Mcp-Name"));
+    let single = |header: &str| {
+        let mut values = headers.get_all(header).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(v), None) => Ok(Some(v.as_bytes())),
+            (Some(_), Some(_)) => Err(()),
         }
+    };
+    match single("mcp-method") {
+        Ok(None) => {}
+        Ok(Some(m)) if Some(m) == method.map(str::as_bytes) => {}
+        _ => return Err(mismatch("Mcp-Method")),
+    }
+    match single("mcp-name") {
+        Ok(None) => {}
+        Ok(Some(n)) if name.is_some() && decode_header_value(n).as_deref() == name => {}
+        _ => return Err(mismatch("Mcp-Name")),
     }
     Ok(())
+}
+
+/// A header value as SEP-2243 encodes it: `=?base64?<standard, padded>?=` wraps any value,
+/// anything else is taken literally (and must be visible ASCII to be a header at all).
+fn decode_header_value(raw: &[u8]) -> Option<String> {
+    use base64::Engine as _;
+    let text = std::str::from_utf8(raw).ok()?;
+    match text
+        .strip_prefix("=?base64?")
+        .and_then(|inner| inner.strip_suffix("?="))
+    {
+        Some(inner) => base64::prelude::BASE64_STANDARD
+            .decode(inner)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok()),
+        None => Some(text.to_owned()),
+    }
 }
 
 /// Unix seconds now, for signature times.
@@ -499,10 +549,7 @@ async fn guard(State(state): State<AppState>, request: Request, next: Next) -> R
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.to_ascii_lowercase().starts_with("application/json"));
         if json_body || !is_mcp {
-            match check_body(&bytes).and_then(|(init, rpc)| {
-                check_method_headers(&parts.headers, &bytes)?;
-                Ok((init, rpc))
-            }) {
+            match check_body(&parts.headers, &bytes) {
                 Ok((init, rpc)) => {
                     initialize = init;
                     if let Some(slot) = parts.extensions.get::<RpcSlot>() {
@@ -942,17 +989,31 @@ mod tests {
 
     #[test]
     fn method_headers_must_match_the_body() {
+        let check = |h: &HeaderMap, body: &[u8]| check_body(h, body).map(|_| ());
         let body = br#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo"}}"#;
         let ok = headers(&[("mcp-method", "tools/call"), ("mcp-name", "echo")]);
-        assert!(check_method_headers(&ok, body).is_ok());
-        assert!(check_method_headers(&HeaderMap::new(), body).is_ok());
+        assert!(check(&ok, body).is_ok());
+        assert!(
+            check(&HeaderMap::new(), body).is_ok(),
+            "older clients send none"
+        );
+        let b64 = headers(&[
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "=?base64?ZWNobw==?="),
+        ]);
+        assert!(check(&b64, body).is_ok(), "base64-wrapped name");
+        let mut twice = ok.clone();
+        twice.append("mcp-method", HeaderValue::from_static("tools/call"));
         for bad in [
             headers(&[("mcp-method", "tools/list")]),
             headers(&[("mcp-method", "tools/call"), ("mcp-name", "rm")]),
             headers(&[("mcp-name", "echo2")]),
+            headers(&[("mcp-name", "=?base64?ZWNobw?=")]),
+            headers(&[("mcp-name", "=?base64?ZW!!obw==?=")]),
+            twice,
         ] {
-            let Err(r) = check_method_headers(&bad, body) else {
-                panic!("accepted a header that disagrees with the body");
+            let Err(r) = check(&bad, body) else {
+                panic!("accepted {bad:?}, which disagrees with the body");
             };
             assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         }
@@ -961,21 +1022,46 @@ mod tests {
             ("mcp-method", "resources/read"),
             ("mcp-name", "system://info"),
         ]);
-        assert!(check_method_headers(&h, read).is_ok());
+        assert!(check(&h, read).is_ok());
+        let get = br#"{"jsonrpc":"2.0","id":3,"method":"tasks/get","params":{"taskId":"t-1"}}"#;
+        let h = headers(&[("mcp-method", "tasks/get"), ("mcp-name", "t-1")]);
+        assert!(check(&h, get).is_ok(), "tasks are named by their id");
+        let h = headers(&[("mcp-method", "tasks/get"), ("mcp-name", "t-2")]);
+        assert!(check(&h, get).is_err());
+        let list = br#"{"jsonrpc":"2.0","id":4,"method":"tools/list"}"#;
+        let h = headers(&[("mcp-method", "tools/list"), ("mcp-name", "echo")]);
+        assert!(
+            check(&h, list).is_err(),
+            "a name on a method that names nothing"
+        );
+        let note = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        let h = headers(&[("mcp-method", "notifications/initialized")]);
+        assert!(check(&h, note).is_ok());
+        let h = headers(&[("mcp-method", "tools/call")]);
+        assert!(check(&h, note).is_err());
     }
 
     #[test]
     fn bodies_are_classified_as_parse_error_invalid_or_initialize() {
         let init = br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        assert_eq!(check_body(init).ok().map(|b| b.0), Some(Some(json!(1))));
         assert_eq!(
-            check_body(init).ok().map(|b| b.1.method),
+            check_body(&HeaderMap::new(), init).ok().map(|b| b.0),
+            Some(Some(json!(1)))
+        );
+        assert_eq!(
+            check_body(&HeaderMap::new(), init).ok().map(|b| b.1.method),
             Some("initialize")
         );
         let ping = br#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#;
-        assert_eq!(check_body(ping).ok().map(|b| b.0), Some(None));
-        assert_eq!(check_body(ping).ok().map(|b| b.1.method), Some("ping"));
-        let status = |b: &[u8]| check_body(b).err().map(|r| r.status());
+        assert_eq!(
+            check_body(&HeaderMap::new(), ping).ok().map(|b| b.0),
+            Some(None)
+        );
+        assert_eq!(
+            check_body(&HeaderMap::new(), ping).ok().map(|b| b.1.method),
+            Some("ping")
+        );
+        let status = |b: &[u8]| check_body(&HeaderMap::new(), b).err().map(|r| r.status());
         assert_eq!(status(b"{not json"), Some(StatusCode::BAD_REQUEST));
         assert_eq!(status(br#"{"id":1}"#), Some(StatusCode::BAD_REQUEST));
     }
