@@ -155,6 +155,19 @@ pub fn tools() -> Vec<Tool> {
             "test_input_required_result_capabilities",
             "Asks only for inputs the client supports",
         ),
+        Tool::new(
+            "test_header_param",
+            "Echoes its region, which 2026-07-28 clients also send as Mcp-Param-Region",
+            schema(json!({
+                "type": "object",
+                "properties": {"region": {
+                    "type": "string",
+                    "description": "A region; mirrored in the Mcp-Param-Region header",
+                    "x-mcp-header": "Region"
+                }},
+                "required": ["region"]
+            })),
+        ),
     ]
 }
 
@@ -424,6 +437,10 @@ pub async fn call_tool(
     let args = request.arguments.clone().unwrap_or_default();
     let result = match request.name.as_ref() {
         "test_simple_text" => text("This is a simple text response for testing."),
+        "test_header_param" => text(format!(
+            "region={}",
+            args.get("region").and_then(Value::as_str).unwrap_or("")
+        )),
         "test_image_content" => {
             CallToolResult::success(vec![ContentBlock::image(PNG, "image/png")])
         }

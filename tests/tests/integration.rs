@@ -462,8 +462,9 @@ async fn one_node_works_without_redis() {
     assert_eq!(r.status, 404, "deleted session is gone");
 }
 
-/// Runs the official conformance suite; returns the `Total:` line.
-async fn conformance(url: &str, requirements: &str) -> String {
+/// Runs the official conformance suite; returns the `Total:` line and the scenarios with a
+/// failed check.
+async fn conformance(url: &str, requirements: &str) -> (String, Vec<String>) {
     let out = tokio::process::Command::new("conformance")
         .env("PATH", tools_path())
         .args(["server", "--url", url, "--requirements", requirements])
@@ -485,7 +486,13 @@ async fn conformance(url: &str, requirements: &str) -> String {
         out.status.success(),
         "conformance {requirements} failed ({total}):\n{plain}"
     );
-    total
+    let failing = plain
+        .lines()
+        .filter_map(|l| l.strip_prefix("✗ "))
+        .filter_map(|l| l.split(':').next())
+        .map(str::to_owned)
+        .collect();
+    (total, failing)
 }
 
 /// Redis and three replicas serving the conformance suite's fixtures.
@@ -506,17 +513,24 @@ async fn conformance_cluster() -> (Redis, Vec<Backend>) {
 async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
     let (_redis, b) = conformance_cluster().await;
     for req in ["2025-11-25", "2026-07-28"] {
-        let total = conformance(&b[0].mcp(), req).await;
-        assert!(
-            total.ends_with(", 0 failed") || req == "2026-07-28",
-            "{total}"
-        );
+        let (total, failing) = conformance(&b[0].mcp(), req).await;
+        if req == "2025-11-25" {
+            assert!(total.ends_with(", 0 failed"), "{total}: {failing:?}");
+        } else {
+            // Every 2026-07-28 scenario passes but the tasks extension's (issue 12), among
+            // them the custom `Mcp-Param-*` headers (http-custom-header-server-validation).
+            assert!(
+                failing.iter().all(|s| s.starts_with("tasks-")),
+                "{req}: {total}: {failing:?}"
+            );
+            assert!(!total.starts_with("no Total"), "{total}");
+        }
     }
     // Every request round-robined over three replicas, as a naive balancer would.
     let relay = Relay::start(b.iter().map(Backend::base).collect())
         .await
         .expect("relay");
-    let total = conformance(&format!("{}/mcp", relay.base()), "2025-11-25").await;
+    let (total, _) = conformance(&format!("{}/mcp", relay.base()), "2025-11-25").await;
     assert!(
         total.ends_with(", 0 failed"),
         "round-robined over 3 replicas: {total}"
