@@ -153,7 +153,15 @@ impl McpProxy {
             Kind::Stream => r.stream,
             Kind::LegacyStream | Kind::LegacyMessage => r.legacy,
         };
-        if ctx.session.is_none() && ctx.stateless {
+        // A stateless (2026-07-28) request without a session has nothing for the session-bound
+        // policies to follow; the address and a header (an `Mcp-Param-*` one, say) still do.
+        if ctx.session.is_none()
+            && ctx.stateless
+            && matches!(
+                policy,
+                Policy::SessionHash | Policy::Cookie | Policy::Persistence
+            )
+        {
             policy = Policy::RoundRobin;
         }
         let pick = match policy {

@@ -537,6 +537,68 @@ async fn official_conformance_suite_passes_on_one_replica_and_across_three() {
     );
 }
 
+/// A 2026-07-28 `Mcp-Param-*` header (a tool parameter marked `x-mcp-header`) as the affinity
+/// key: each region stays on one replica while the proxy reads no body, the regions spread, and
+/// a header that disagrees with the body is refused by the backend before the tool runs, so a
+/// client cannot be routed as one region while acting as another.
+#[tokio::test]
+async fn an_mcp_param_header_pins_each_region_to_one_replica_and_cannot_lie() {
+    let (_redis, b) = conformance_cluster().await;
+    let proxy = Proxy::start(
+        &addrs(&b),
+        "routing: {post: header, header_name: Mcp-Param-Region}\n",
+    )
+    .await
+    .expect("proxy");
+    let http = reqwest::Client::new();
+    let call = |region: String, header: String| {
+        http.post(proxy.mcp())
+            .header("content-type", "application/json")
+            .header("accept", "application/json, text/event-stream")
+            .header("mcp-protocol-version", "2026-07-28")
+            .header("mcp-method", "tools/call")
+            .header("mcp-name", "test_header_param")
+            .header("mcp-param-region", header)
+            .body(
+                json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+                    "name": "test_header_param", "arguments": {"region": region},
+                    "_meta": {"io.modelcontextprotocol/protocolVersion": "2026-07-28",
+                              "io.modelcontextprotocol/clientCapabilities": {}}}})
+                .to_string(),
+            )
+            .send()
+    };
+    let mut homes = HashMap::new();
+    for r in 0..12 {
+        let region = format!("region-{r}");
+        for _ in 0..3 {
+            let reply = call(region.clone(), region.clone()).await.expect("send");
+            assert_eq!(reply.status(), 200, "{region}");
+            let backend = reply.headers()["x-mcp-backend"]
+                .to_str()
+                .unwrap_or("-")
+                .to_owned();
+            let text = reply.text().await.expect("body");
+            assert!(text.contains(&format!("region={region}")), "{text}");
+            let prev = homes.insert(r, backend.clone());
+            assert!(prev.is_none_or(|p| p == backend), "{region} moved");
+        }
+    }
+    let spread: HashSet<_> = homes.values().collect();
+    assert!(spread.len() >= 2, "12 regions spread: {homes:?}");
+
+    let lying = call("region-1".into(), "region-2".into())
+        .await
+        .expect("send");
+    assert_eq!(
+        lying.status(),
+        400,
+        "the header names another region than the body"
+    );
+    let body: Value = lying.json().await.expect("json");
+    assert_eq!(body["error"]["code"], -32020, "{body}");
+}
+
 #[tokio::test]
 async fn official_conformance_suite_gives_the_same_totals_through_the_proxy_as_on_one_backend() {
     let (_redis, b) = conformance_cluster().await;
