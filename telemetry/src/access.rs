@@ -81,10 +81,8 @@ impl Line {
         self.key(key);
         if self.out.json {
             json_str(&mut self.buf, value);
-        } else if !value.is_empty() && value.bytes().all(plain) {
-            self.buf.extend_from_slice(value.as_bytes());
         } else {
-            let _ = write!(self.buf, "{value:?}");
+            text_value(&mut self.buf, value);
         }
         self
     }
@@ -120,15 +118,19 @@ impl Line {
             self.buf.extend_from_slice(b"},\"target\":\"access\"}\n");
         } else {
             self.buf.extend_from_slice(b" node=");
-            let node = &self.out.node;
-            if node.bytes().all(plain) {
-                self.buf.extend_from_slice(node.as_bytes());
-            } else {
-                let _ = write!(self.buf, "{node:?}");
-            }
+            text_value(&mut self.buf, &self.out.node);
             self.buf.push(b'\n');
         }
         self.out.sink.push(&self.buf);
+    }
+}
+
+/// A value in a text line: as it is when plainly safe, else quoted and escaped.
+fn text_value(buf: &mut Vec<u8>, value: &str) {
+    if !value.is_empty() && value.bytes().all(plain) {
+        buf.extend_from_slice(value.as_bytes());
+    } else {
+        let _ = write!(buf, "{value:?}");
     }
 }
 
