@@ -49,6 +49,18 @@ pub const DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS: u64 = 60;
 pub const DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: u64 = 100;
 /// Shortest accepted `principal_secret` (HMAC-SHA256 key): 32 bytes.
 pub const MIN_PRINCIPAL_SECRET_BYTES: usize = 32;
+/// Default `tasks.ttl_seconds`: how long a task stays readable from its creation.
+pub const DEFAULT_TASK_TTL_SECONDS: u64 = 300;
+/// Default `tasks.lease_seconds`: how long a task outlives the replica running it unrenewed.
+pub const DEFAULT_TASK_LEASE_SECONDS: u64 = 15;
+/// Default `tasks.poll_interval_ms`, suggested to clients.
+pub const DEFAULT_TASK_POLL_INTERVAL_MS: u64 = 1000;
+/// Default `tasks.max_per_principal`.
+pub const DEFAULT_MAX_TASKS_PER_PRINCIPAL: u64 = 100;
+/// Default `tasks.max_running`, per replica.
+pub const DEFAULT_MAX_RUNNING_TASKS: usize = 256;
+/// Default `tasks.max_result_bytes`.
+pub const DEFAULT_MAX_TASK_RESULT_BYTES: usize = 1024 * 1024;
 /// Shortest accepted `operations_token`.
 pub const MIN_OPERATIONS_TOKEN_LEN: usize = 16;
 
@@ -250,6 +262,95 @@ pub struct FileConfig {
     pub principal_max_skew_seconds: Option<u64>,
     pub require_principal: Option<bool>,
     pub max_sessions_per_principal: Option<u64>,
+    pub tasks: Option<TasksFile>,
+}
+
+/// The `tasks:` section as written (the tasks extension; see `backend/src/sessions.md`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TasksFile {
+    pub ttl_seconds: Option<u64>,
+    pub lease_seconds: Option<u64>,
+    pub poll_interval_ms: Option<u64>,
+    pub max_per_principal: Option<u64>,
+    pub max_running: Option<usize>,
+    pub max_result_bytes: Option<usize>,
+}
+
+/// Tasks (SEP-2663) as validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TasksConfig {
+    /// A task is readable this long from its creation, then gone (its `ttlMs`).
+    pub ttl: Duration,
+    /// A running task's record says which replica runs it until when; the replica renews it
+    /// every third of this. Past it, readers see the task `failed`.
+    pub lease: Duration,
+    pub poll_interval: Duration,
+    /// Live tasks per principal; 0: unlimited. Anonymous tasks are not counted.
+    pub max_per_principal: u64,
+    /// Tasks running at once on this replica.
+    pub max_running: usize,
+    /// Largest result (or error) a task keeps; a larger one fails the task.
+    pub max_result_bytes: usize,
+}
+
+impl TasksFile {
+    fn validate(self) -> Result<TasksConfig, ConfigError> {
+        let ttl = self.ttl_seconds.unwrap_or(DEFAULT_TASK_TTL_SECONDS);
+        if !(10..=7 * 86_400).contains(&ttl) {
+            return Err(invalid(
+                "tasks.ttl_seconds",
+                ttl,
+                "must be between 10 and 604800",
+            ));
+        }
+        let lease = self.lease_seconds.unwrap_or(DEFAULT_TASK_LEASE_SECONDS);
+        if !(3..=600).contains(&lease) || lease >= ttl {
+            return Err(invalid(
+                "tasks.lease_seconds",
+                lease,
+                "must be between 3 and 600, and below tasks.ttl_seconds",
+            ));
+        }
+        let poll = self
+            .poll_interval_ms
+            .unwrap_or(DEFAULT_TASK_POLL_INTERVAL_MS);
+        if !(50..=60_000).contains(&poll) {
+            return Err(invalid(
+                "tasks.poll_interval_ms",
+                poll,
+                "must be between 50 and 60000",
+            ));
+        }
+        let max_running = self.max_running.unwrap_or(DEFAULT_MAX_RUNNING_TASKS);
+        if !(1..=100_000).contains(&max_running) {
+            return Err(invalid(
+                "tasks.max_running",
+                max_running,
+                "must be between 1 and 100000",
+            ));
+        }
+        let max_result_bytes = self
+            .max_result_bytes
+            .unwrap_or(DEFAULT_MAX_TASK_RESULT_BYTES);
+        if !(1024..=64 * 1024 * 1024).contains(&max_result_bytes) {
+            return Err(invalid(
+                "tasks.max_result_bytes",
+                max_result_bytes,
+                "must be between 1024 and 67108864",
+            ));
+        }
+        Ok(TasksConfig {
+            ttl: Duration::from_secs(ttl),
+            lease: Duration::from_secs(lease),
+            poll_interval: Duration::from_millis(poll),
+            max_per_principal: self
+                .max_per_principal
+                .unwrap_or(DEFAULT_MAX_TASKS_PER_PRINCIPAL),
+            max_running,
+            max_result_bytes,
+        })
+    }
 }
 
 /// The validated runtime configuration.
@@ -294,6 +395,7 @@ pub struct Config {
     pub require_principal: bool,
     /// Live sessions per principal; 0: unlimited.
     pub max_sessions_per_principal: u64,
+    pub tasks: TasksConfig,
 }
 
 impl Default for Config {
@@ -590,6 +692,7 @@ impl FileConfig {
             max_sessions_per_principal: self
                 .max_sessions_per_principal
                 .unwrap_or(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL),
+            tasks: self.tasks.unwrap_or_default().validate()?,
         })
     }
 }
@@ -835,6 +938,31 @@ mod tests {
     }
 
     #[test]
+    fn task_limits_are_checked_and_named() {
+        let c = Config::default();
+        assert_eq!(c.tasks.ttl, Duration::from_secs(DEFAULT_TASK_TTL_SECONDS));
+        assert_eq!(
+            c.tasks.lease,
+            Duration::from_secs(DEFAULT_TASK_LEASE_SECONDS)
+        );
+        for (yaml, key) in [
+            ("tasks: {ttl_seconds: 5}", "tasks.ttl_seconds"),
+            ("tasks: {lease_seconds: 1}", "tasks.lease_seconds"),
+            (
+                "tasks: {ttl_seconds: 20, lease_seconds: 20}",
+                "tasks.lease_seconds",
+            ),
+            ("tasks: {poll_interval_ms: 0}", "tasks.poll_interval_ms"),
+            ("tasks: {max_running: 0}", "tasks.max_running"),
+            ("tasks: {max_result_bytes: 10}", "tasks.max_result_bytes"),
+            ("tasks: {ttl: 5}", "ttl"),
+        ] {
+            let e = err(yaml);
+            assert!(e.contains(key), "error for {yaml:?} must name {key}: {e}");
+        }
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let e = err("prot: 3000\n");
         assert!(e.contains("prot"), "error must name the unknown key: {e}");
@@ -1053,5 +1181,6 @@ mod conf_files {
             shipped.max_sessions_per_principal,
             default.max_sessions_per_principal
         );
+        assert_eq!(shipped.tasks, default.tasks);
     }
 }

@@ -7,7 +7,10 @@ use std::{sync::Arc, time::Duration};
 
 use rmcp::{ErrorData, RoleServer, model::*, service::RequestContext};
 
-use crate::Node;
+use crate::{
+    Node,
+    tasks::{Started, Support, TaskCtx, TaskExit},
+};
 use serde_json::{Value, json};
 
 /// A 1x1 red PNG.
@@ -168,7 +171,166 @@ pub fn tools() -> Vec<Tool> {
                 "required": ["region"]
             })),
         ),
+        Tool::new(
+            "greet",
+            "Greets by name (never a task)",
+            schema(
+                json!({"type": "object", "properties": {"name": {"type": "string"}},
+                "required": ["name"]}),
+            ),
+        ),
+        Tool::new(
+            "slow_compute",
+            "Sleeps `seconds`, then answers; a task for clients with the tasks extension",
+            schema(json!({"type": "object", "properties": {
+                "seconds": {"type": "number", "minimum": 0, "maximum": 300},
+                "label": {"type": "string"}}})),
+        ),
+        simple(
+            "failing_job",
+            "Runs only as a task, and ends with a tool error",
+        ),
+        simple(
+            "protocol_error_job",
+            "Ends with a protocol error (a failed task)",
+        ),
+        Tool::new(
+            "confirm_delete",
+            "Asks to confirm deleting a file (a task's input request)",
+            schema(json!({"type": "object", "properties": {"filename": {"type": "string"}}})),
+        ),
+        simple(
+            "multi_input",
+            "Asks two questions at once (task input requests)",
+        ),
+        simple(
+            "test_tool_with_task",
+            "Asks a name synchronously (MRTR), then greets it from a task",
+        ),
     ]
+}
+
+/// Whether a fixture runs as a task for clients that declare the extension.
+pub fn task_support(name: &str) -> Option<Support> {
+    match name {
+        "slow_compute" | "protocol_error_job" | "confirm_delete" | "multi_input" => {
+            Some(Support::Optional)
+        }
+        "failing_job" | "test_tool_with_task" => Some(Support::Required),
+        _ => None,
+    }
+}
+
+fn confirm_request(message: String) -> Option<InputRequest> {
+    input_request(
+        "elicitation/create",
+        json!({"message": message, "requestedSchema": {"type": "object",
+            "properties": {"confirm": {"type": "boolean"}}, "required": ["confirm"]}}),
+    )
+}
+
+fn requests(list: Vec<(&str, Option<InputRequest>)>) -> Result<InputRequests, TaskExit> {
+    list.into_iter()
+        .map(|(k, r)| {
+            r.map(|r| (k.to_owned(), r)).ok_or_else(|| {
+                TaskExit::Error(ErrorData::internal_error("bad input request fixture", None))
+            })
+        })
+        .collect()
+}
+
+/// Sleeps `seconds` unless the task is cancelled first.
+async fn sleep_or_cancel(ctx: &TaskCtx, seconds: f64) -> Result<(), TaskExit> {
+    tokio::select! {
+        () = tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 300.0))) => Ok(()),
+        () = ctx.cancelled() => Err(TaskExit::Cancelled),
+    }
+}
+
+/// The task body of a fixture, or (MRTR before the task) an answer now.
+pub fn task_work(request: &CallToolRequestParams) -> Result<Started, ErrorData> {
+    let args = request.arguments.clone().unwrap_or_default();
+    let seconds = args.get("seconds").and_then(Value::as_f64).unwrap_or(1.0);
+    let work: Started = match request.name.as_ref() {
+        "slow_compute" => Started::task(move |ctx| async move {
+            ctx.status(format!("sleeping {seconds} s")).await;
+            sleep_or_cancel(&ctx, seconds).await?;
+            Ok(text(format!("computed after {seconds} s")))
+        }),
+        "failing_job" => Started::task(|ctx| async move {
+            sleep_or_cancel(&ctx, 1.0).await?;
+            Ok(CallToolResult::error(vec![ContentBlock::text(
+                "the job failed (a tool error)",
+            )]))
+        }),
+        "protocol_error_job" => Started::task(|ctx| async move {
+            sleep_or_cancel(&ctx, 0.2).await?;
+            Err(TaskExit::Error(ErrorData::internal_error(
+                "the job hit a protocol error",
+                None,
+            )))
+        }),
+        "confirm_delete" => {
+            let file = args
+                .get("filename")
+                .and_then(Value::as_str)
+                .unwrap_or("file")
+                .to_owned();
+            Started::task(move |ctx| async move {
+                let asked = requests(vec![(
+                    "confirm",
+                    confirm_request(format!("Delete {file}?")),
+                )])?;
+                let answers = ctx.request_input(asked).await?;
+                let yes = answers
+                    .get("confirm")
+                    .and_then(|a| a.get("content"))
+                    .and_then(|c| c.get("confirm"))
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false);
+                Ok(text(if yes {
+                    format!("deleted {file}")
+                } else {
+                    format!("kept {file}")
+                }))
+            })
+        }
+        "multi_input" => Started::task(|ctx| async move {
+            let asked = requests(vec![
+                ("first", elicit_field("First name?", "name")),
+                ("second", confirm_request("Proceed?".into())),
+            ])?;
+            let answers = ctx.request_input(asked).await?;
+            Ok(text(format!("received {} answers", answers.len())))
+        }),
+        "test_tool_with_task" => {
+            let empty = InputResponses::new();
+            let responses = request.input_responses.as_ref().unwrap_or(&empty);
+            match accepted(responses, "user_name", "name") {
+                Some(name) => {
+                    let name = name.to_owned();
+                    Started::task(move |ctx| async move {
+                        sleep_or_cancel(&ctx, 0.2).await?;
+                        Ok(text(format!("Hello, {name}! (from a task)")))
+                    })
+                }
+                None => Started::Now(
+                    input_required(
+                        vec![("user_name", elicit_field("What is your name?", "name"))],
+                        None,
+                    )
+                    .into(),
+                ),
+            }
+        }
+        other => {
+            return Err(ErrorData::invalid_params(
+                format!("{other} does not run as a task"),
+                None,
+            ));
+        }
+    };
+    Ok(work)
 }
 
 /// Bus topic that carries list changes to every replica's `subscriptions/listen` streams.
@@ -437,6 +599,24 @@ pub async fn call_tool(
     let args = request.arguments.clone().unwrap_or_default();
     let result = match request.name.as_ref() {
         "test_simple_text" => text("This is a simple text response for testing."),
+        "greet" => text(format!(
+            "Hello, {}!",
+            args.get("name").and_then(Value::as_str).unwrap_or("World")
+        )),
+        "slow_compute" => {
+            let seconds = args.get("seconds").and_then(Value::as_f64).unwrap_or(0.0);
+            tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 300.0))).await;
+            text(format!("computed after {seconds} s"))
+        }
+        "protocol_error_job" => {
+            return Err(ErrorData::internal_error(
+                "the job hit a protocol error",
+                None,
+            ));
+        }
+        "confirm_delete" | "multi_input" => CallToolResult::error(vec![ContentBlock::text(
+            "this tool asks for input while it runs: call it with the tasks extension",
+        )]),
         "test_header_param" => text(format!(
             "region={}",
             args.get("region").and_then(Value::as_str).unwrap_or("")

@@ -18,7 +18,12 @@ use rmcp::{
 };
 use serde_json::{Value, json};
 
-use crate::{Node, conformance, store::Subscribed};
+use crate::{
+    Node, conformance,
+    principal::Caller,
+    store::Subscribed,
+    tasks::{Started, Support, TaskCtx, TaskExit},
+};
 
 /// Server name in `serverInfo`.
 pub const SERVER_NAME: &str = "mcp-edge-backend";
@@ -44,6 +49,23 @@ pub fn session_of(extensions: &Extensions) -> Option<String> {
         .and_then(|p| p.headers.get("mcp-session-id"))
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
+}
+
+/// The owner hash of the principal that sent a request (`None`: anonymous).
+fn owner_of(cx: &RequestContext<RoleServer>) -> Option<String> {
+    cx.extensions
+        .get::<http::request::Parts>()
+        .and_then(|p| p.extensions.get::<Caller>())
+        .and_then(|c| c.owner().map(str::to_owned))
+}
+
+/// The capability a task-only tool needs, for -32021's `data.requiredCapabilities`.
+fn tasks_capability() -> ClientCapabilities {
+    let mut extensions = ExtensionCapabilities::new();
+    extensions.insert(TASKS_EXTENSION_ID.to_owned(), JsonObject::new());
+    let mut c = ClientCapabilities::default();
+    c.extensions = Some(extensions);
+    c
 }
 
 fn object(v: Value) -> Arc<JsonObject> {
@@ -162,6 +184,21 @@ fn arg_f64(args: &JsonObject, key: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("argument `{key}` must be a number"))
 }
 
+/// `slow_task`'s steps and delay per step (ms), clamped to its schema.
+fn slow_task_args(args: &JsonObject) -> (u64, u64) {
+    let steps = args
+        .get("steps")
+        .and_then(Value::as_u64)
+        .unwrap_or(5)
+        .clamp(1, 100);
+    let delay = args
+        .get("delay_ms")
+        .and_then(Value::as_u64)
+        .unwrap_or(100)
+        .min(10_000);
+    (steps, delay)
+}
+
 fn arg_str<'a>(args: &'a JsonObject, key: &str) -> Option<&'a str> {
     args.get(key).and_then(Value::as_str)
 }
@@ -213,6 +250,9 @@ impl Handler {
         request: CallToolRequestParams,
         cx: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
+        if let Some(response) = self.maybe_task(&request, &cx).await? {
+            return Ok(response);
+        }
         let args = request.arguments.clone().unwrap_or_default();
         if let Some(result) = self.call_main_tool(&request.name, &args, &cx).await? {
             return Ok(result.into());
@@ -226,6 +266,114 @@ impl Handler {
             format!("unknown tool: {}", request.name),
             None,
         ))
+    }
+
+    /// Whether `name` runs as a task for clients that declare the extension.
+    fn task_support(&self, name: &str) -> Option<Support> {
+        match name {
+            "slow_task" | "confirm" => Some(Support::Optional),
+            _ if self.node.config.conformance => conformance::task_support(name),
+            _ => None,
+        }
+    }
+
+    /// A task (or the answer before one) for a call that may become a task; `None`: run it
+    /// inline. Tasks exist for 2026-07-28 requests that declare the extension; a task-only
+    /// tool called without it gets -32021 before any work.
+    async fn maybe_task(
+        &self,
+        request: &CallToolRequestParams,
+        cx: &RequestContext<RoleServer>,
+    ) -> Result<Option<CallToolResponse>, ErrorData> {
+        let Some(support) = self.task_support(&request.name) else {
+            return Ok(None);
+        };
+        // The stateless 2026-07-28 path: no session, no initialize, the version in `_meta`.
+        let stateless = cx.peer.peer_info().is_none()
+            && session_of(&cx.extensions).is_none()
+            && cx.meta.protocol_version().is_some();
+        let declared = stateless && cx.client_capabilities().is_some_and(|c| c.supports_tasks());
+        if !declared {
+            return match support {
+                Support::Required => Err(ErrorData::missing_required_client_capability(
+                    tasks_capability(),
+                )),
+                Support::Optional => Ok(None),
+            };
+        }
+        let work = match self.task_work(request)? {
+            Started::Now(response) => return Ok(Some(response)),
+            Started::Task(work) => work,
+        };
+        let owner = owner_of(cx);
+        match self
+            .node
+            .tasks
+            .create(owner.as_deref(), &request.name, work)
+            .await?
+        {
+            Some(created) => Ok(Some(CallToolResponse::Task(created))),
+            None if support == Support::Optional => Ok(None),
+            None => Err(ErrorData::new(
+                ErrorCode(-32000),
+                format!(
+                    "this replica runs tasks.max_running ({}) tasks already; retry later",
+                    self.node.config.tasks.max_running
+                ),
+                None,
+            )),
+        }
+    }
+
+    /// The task body of a task-capable tool.
+    fn task_work(&self, request: &CallToolRequestParams) -> Result<Started, ErrorData> {
+        let args = request.arguments.clone().unwrap_or_default();
+        Ok(match request.name.as_ref() {
+            "slow_task" => {
+                let (steps, delay) = slow_task_args(&args);
+                Started::task(move |ctx| async move {
+                    for step in 1..=steps {
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                            () = ctx.cancelled() => return Err(TaskExit::Cancelled),
+                        }
+                        ctx.status(format!("step {step} of {steps}")).await;
+                    }
+                    Ok(text_result(format!("completed {steps} steps")))
+                })
+            }
+            "confirm" => {
+                let question = arg_str(&args, "question").unwrap_or("Confirm?").to_owned();
+                let node = self.node.config.node_id.clone();
+                Started::task(move |ctx: TaskCtx| async move {
+                    let request: InputRequest = serde_json::from_value(json!({
+                        "method": "elicitation/create",
+                        "params": {"message": question, "requestedSchema": {"type": "object",
+                            "properties": {"confirmed": {"type": "boolean"}},
+                            "required": ["confirmed"]}}
+                    }))
+                    .map_err(|e| TaskExit::Error(ErrorData::internal_error(e.to_string(), None)))?;
+                    let answers = ctx
+                        .request_input([("confirmed".to_owned(), request)].into())
+                        .await?;
+                    let answer = answers.get("confirmed");
+                    let action = answer
+                        .and_then(|a| a.get("action"))
+                        .and_then(Value::as_str)
+                        .unwrap_or("decline")
+                        .to_owned();
+                    let confirmed = answer
+                        .and_then(|a| a.get("content"))
+                        .and_then(|c| c.get("confirmed"))
+                        .and_then(Value::as_bool)
+                        .unwrap_or(false);
+                    let mut r = text_result(format!("action={action} confirmed={confirmed}"));
+                    r.structured_content = Some(json!({"confirmed": confirmed, "node": node}));
+                    Ok(r)
+                })
+            }
+            _ => conformance::task_work(request)?,
+        })
     }
 
     fn served_tools(&self) -> impl Iterator<Item = &'static Tool> {
@@ -332,16 +480,7 @@ impl Handler {
                 r
             }
             "slow_task" => {
-                let steps = args
-                    .get("steps")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(5)
-                    .clamp(1, 100);
-                let delay = args
-                    .get("delay_ms")
-                    .and_then(Value::as_u64)
-                    .unwrap_or(100)
-                    .min(10_000);
+                let (steps, delay) = slow_task_args(args);
                 let token = cx.meta.get_progress_token();
                 for step in 1..=steps {
                     // `notifications/cancelled` (from any replica, see `sessions.rs`) ends it.
@@ -452,6 +591,7 @@ impl ServerHandler for Handler {
             .enable_resources_subscribe()
             .enable_resources_list_changed()
             .enable_tools()
+            .enable_tasks()
             .build();
         if self.node.config.conformance {
             // Only the conformance fixtures change these lists (their trigger tools).
@@ -748,6 +888,42 @@ impl ServerHandler for Handler {
             format!("unknown prompt: {}", request.name),
             None,
         ))
+    }
+
+    async fn get_task(
+        &self,
+        request: GetTaskParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<GetTaskResult, ErrorData> {
+        let owner = owner_of(&cx);
+        self.node
+            .tasks
+            .get(owner.as_deref(), &request.task_id)
+            .await
+    }
+
+    async fn update_task(
+        &self,
+        request: UpdateTaskParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let owner = owner_of(&cx);
+        self.node
+            .tasks
+            .update(owner.as_deref(), &request.task_id, request.input_responses)
+            .await
+    }
+
+    async fn cancel_task(
+        &self,
+        request: CancelTaskParams,
+        cx: RequestContext<RoleServer>,
+    ) -> Result<(), ErrorData> {
+        let owner = owner_of(&cx);
+        self.node
+            .tasks
+            .cancel(owner.as_deref(), &request.task_id)
+            .await
     }
 
     async fn complete(

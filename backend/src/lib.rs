@@ -16,6 +16,8 @@
 //!   in front of rmcp; [`legacy`]: the HTTP+SSE transport of 2024-11-05.
 //! - [`principal`]: the caller's principal from the proxy's signed headers; sessions are
 //!   bound to it.
+//! - [`tasks`]: the tasks extension (SEP-2663): tasks in the store, run under a lease, that
+//!   any replica answers.
 
 pub mod bus;
 pub mod config;
@@ -28,6 +30,7 @@ pub mod principal;
 pub mod redis_link;
 pub mod sessions;
 pub mod store;
+pub mod tasks;
 pub mod trace;
 
 use axum::serve::ListenerExt;
@@ -42,13 +45,14 @@ use std::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{bus::Bus, config::Config, redis_link::Link, store::Store};
+use crate::{bus::Bus, config::Config, redis_link::Link, store::Store, tasks::Tasks};
 
 /// What every part of one replica shares.
 pub struct Node {
     pub config: Config,
     pub store: Arc<Store>,
     pub bus: Arc<Bus>,
+    pub tasks: Arc<Tasks>,
     pub started: Instant,
     /// Cancelled at shutdown: ends sessions, SSE streams and background tasks.
     pub stop: CancellationToken,
@@ -79,10 +83,13 @@ pub fn node(config: Config, stop: CancellationToken) -> Result<Arc<Node>, store:
             stop.clone(),
         ));
     }
+    let tasks = Tasks::new(store.clone(), config.tasks.clone(), &config.node_id);
+    tasks.start(bus.clone(), stop.clone());
     Ok(Arc::new(Node {
         config,
         store,
         bus,
+        tasks,
         started: Instant::now(),
         stop,
         draining: AtomicBool::new(false),

@@ -12,6 +12,7 @@ use std::{
 use super::{
     Access, Admission, Engine, FieldOp, FieldReply, Settings, StoreResult, StoredEvent, Touch,
     event_seq, now_ms,
+    task::{self, TaskOp, TaskReply},
 };
 use crate::bus::Bus;
 
@@ -41,8 +42,15 @@ impl Session {
     }
 }
 
+/// A task record and when it expires (see [`task`]).
+struct TaskRecord {
+    fields: HashMap<String, String>,
+    expires: Instant,
+}
+
 struct State {
     sessions: HashMap<String, Session>,
+    tasks: HashMap<String, TaskRecord>,
     next_event: u64,
     last_sweep: Instant,
 }
@@ -61,6 +69,7 @@ impl MemoryEngine {
             bus,
             state: Mutex::new(State {
                 sessions: HashMap::new(),
+                tasks: HashMap::new(),
                 next_event: 0,
                 last_sweep: Instant::now(),
             }),
@@ -75,6 +84,7 @@ impl MemoryEngine {
         let now = Instant::now();
         if now.duration_since(s.last_sweep) >= SWEEP_EVERY {
             s.sessions.retain(|_, session| session.expires > now);
+            s.tasks.retain(|_, t| t.expires > now);
             s.last_sweep = now;
         }
         s
@@ -377,5 +387,55 @@ impl Engine for MemoryEngine {
     async fn publish(&self, topic: &str, payload: &str) -> StoreResult<()> {
         self.bus.dispatch(topic, payload.into());
         Ok(())
+    }
+
+    async fn task(&self, id: &str, op: TaskOp<'_>) -> StoreResult<TaskReply> {
+        let mut s = self.state();
+        let now = Instant::now();
+        if s.tasks.get(id).is_some_and(|t| t.expires <= now) {
+            s.tasks.remove(id);
+        }
+        let mut fresh = HashMap::new();
+        let reply = task::apply(s.tasks.get_mut(id).map(|t| &mut t.fields), &op, &mut fresh);
+        if let TaskOp::Create { ttl_ms, .. } = op {
+            s.tasks.insert(
+                id.to_owned(),
+                TaskRecord {
+                    fields: fresh,
+                    expires: now + Duration::from_millis(ttl_ms),
+                },
+            );
+        }
+        Ok(reply)
+    }
+
+    async fn admit_task(
+        &self,
+        owner: &str,
+        id: &str,
+        _expires: u64,
+        limit: u64,
+    ) -> StoreResult<Admission> {
+        // The record written next carries the owner and the expiry: counting live records
+        // is the owner set.
+        let s = self.state();
+        let now = Instant::now();
+        let expiries: Vec<Instant> = s
+            .tasks
+            .iter()
+            .filter(|(tid, t)| {
+                t.expires > now
+                    && tid.as_str() != id
+                    && t.fields.get("owner").is_some_and(|o| o == owner)
+            })
+            .map(|(_, t)| t.expires)
+            .collect();
+        if (expiries.len() as u64) < limit {
+            return Ok(Admission::Admitted);
+        }
+        let oldest = expiries.into_iter().min().unwrap_or(now);
+        Ok(Admission::Full {
+            retry_after: oldest.saturating_duration_since(now),
+        })
     }
 }

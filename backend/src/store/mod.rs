@@ -20,6 +20,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod task;
 
 use std::{
     cell::Cell,
@@ -32,6 +33,7 @@ use rmcp::model::InitializeRequestParams;
 use serde::Serialize;
 
 use crate::{bus::Bus, config::Config, redis_link::Link};
+use task::{TaskOp, TaskReply};
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +244,16 @@ pub trait Engine: Send + Sync {
     /// The id of the newest entry of the session's log, if any.
     async fn log_tail(&self, session: &str) -> StoreResult<Option<String>>;
     async fn publish(&self, topic: &str, payload: &str) -> StoreResult<()>;
+    /// One atomic operation on a task record (see [`task`]).
+    async fn task(&self, id: &str, op: TaskOp<'_>) -> StoreResult<TaskReply>;
+    /// Counts task `id` (until `expires`, ms) among `owner`'s live tasks, within `limit`.
+    async fn admit_task(
+        &self,
+        owner: &str,
+        id: &str,
+        expires: u64,
+        limit: u64,
+    ) -> StoreResult<Admission>;
 }
 
 /// Session records, event logs and publishing, on Redis or in memory.

@@ -6,6 +6,8 @@
 //! | `<p>{<id>}:e` | stream | the session's event log: entries `s` (stream name) and `d` (payload); trimmed by count and bytes; same TTL as the record |
 //! | `<p>sessions` | sorted set | session ids scored by their last index refresh, for `/sessions` and `activeSessions`; pruned as it goes; expires when no session refreshes it |
 //! | `<p>owner:{<hash>}` | sorted set | one principal's sessions scored by expiry (ms), for `max_sessions_per_principal`; same refresh and TTL rules |
+//! | `<p>{<task id>}:t` | hash | a task record (see [`super::task`]); expires `tasks.ttl_seconds` after its creation, never slid |
+//! | `<p>tasks:{<hash>}` | sorted set | one principal's task ids scored by expiry (ms), for `tasks.max_per_principal`; expires with its newest task |
 //! | `<p>bus:<topic>` | pub/sub | live messages between replicas (see [`crate::bus`]) |
 //!
 //! A session's two keys share the hash tag `{<id>}`, so every script touches one Cluster
@@ -20,6 +22,7 @@ use tokio::sync::OnceCell;
 use super::{
     Access, Admission, Engine, FieldOp, FieldReply, Settings, StoreError, StoreResult, StoredEvent,
     Touch, note_failure, now_ms,
+    task::{self, TaskOp, TaskReply},
 };
 use crate::redis_link::{Conn, Link};
 
@@ -158,6 +161,7 @@ struct Scripts {
     delete: ::redis::Script,
     field: ::redis::Script,
     append: ::redis::Script,
+    task: ::redis::Script,
 }
 
 /// The store on Redis.
@@ -185,6 +189,7 @@ impl RedisEngine {
                 delete: ::redis::Script::new(DELETE_LUA),
                 field: ::redis::Script::new(FIELD_LUA),
                 append: ::redis::Script::new(APPEND_LUA),
+                task: ::redis::Script::new(task::TASK_LUA),
             },
         }
     }
@@ -238,6 +243,10 @@ impl RedisEngine {
 
     fn log_key(&self, id: &str) -> String {
         format!("{}{{{id}}}:e", self.settings.prefix)
+    }
+
+    fn task_key(&self, id: &str) -> String {
+        format!("{}{{{id}}}:t", self.settings.prefix)
     }
 
     fn index_key(&self) -> String {
@@ -675,6 +684,75 @@ impl Engine for RedisEngine {
         )
         .await
     }
+
+    async fn task(&self, id: &str, op: TaskOp<'_>) -> StoreResult<TaskReply> {
+        let mut c = self.conn()?;
+        let mut inv = self.scripts.task.prepare_invoke();
+        inv.key(self.task_key(id));
+        for a in task::lua_args(&op) {
+            inv.arg(a);
+        }
+        let reply: Vec<Value> = self.timed("task", inv.invoke_async(&mut c)).await?;
+        Ok(match int(reply.first()) {
+            1 => match op {
+                TaskOp::Client {
+                    act: task::ClientAct::Read,
+                    ..
+                } => TaskReply::Record(pairs(reply.get(1))),
+                TaskOp::Create { .. } | TaskOp::Client { .. } => {
+                    TaskReply::Applied(int(reply.get(1)).max(0) as u64)
+                }
+                TaskOp::Runner { .. } => TaskReply::Runner {
+                    cancel: int(reply.get(1)) == 1,
+                    waiting: int(reply.get(2)).max(0) as u64,
+                    answers: pairs(reply.get(3)).into_iter().collect(),
+                },
+            },
+            2 => TaskReply::Foreign,
+            3 => TaskReply::Fenced,
+            4 => TaskReply::Full,
+            _ => TaskReply::Gone,
+        })
+    }
+
+    async fn admit_task(
+        &self,
+        owner: &str,
+        id: &str,
+        expires: u64,
+        limit: u64,
+    ) -> StoreResult<Admission> {
+        let mut c = self.conn()?;
+        let now = now_ms();
+        let mut inv = self.scripts.owner.prepare_invoke();
+        inv.key(format!("{}tasks:{{{owner}}}", self.settings.prefix))
+            .arg(now)
+            .arg(limit)
+            .arg(id)
+            .arg(expires)
+            .arg(expires.saturating_sub(now).max(1));
+        let reply: Vec<i64> = self.timed("admit_task", inv.invoke_async(&mut c)).await?;
+        Ok(match reply.as_slice() {
+            [2, oldest, ..] => Admission::Full {
+                retry_after: Duration::from_millis((*oldest as u64).saturating_sub(now)),
+            },
+            _ => Admission::Admitted,
+        })
+    }
+}
+
+/// Reads a flat list of field, value pairs out of a script reply.
+fn pairs(v: Option<&Value>) -> HashMap<String, String> {
+    let Some(Value::Array(items)) = v else {
+        return HashMap::new();
+    };
+    items
+        .chunks(2)
+        .filter_map(|kv| match kv {
+            [k, v] => Some((text(Some(k))?, text(Some(v)).unwrap_or_default())),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Connects the command connection, retrying with backoff until Redis answers. Once made,

@@ -442,3 +442,345 @@ async fn expired_sessions_leave_nothing_behind() {
         assert_eq!(s.count().await.ok(), Some(0), "{name}");
     }
 }
+
+fn task_fields(owner: &str, lease: u64) -> Vec<(&'static str, String)> {
+    vec![
+        ("owner", owner.to_owned()),
+        ("status", "working".into()),
+        ("runner", "r1".into()),
+        ("lease", lease.to_string()),
+        ("created", "1".into()),
+        ("nin", "0".into()),
+        ("nre", "0".into()),
+    ]
+}
+
+async fn task_op(s: &Store, id: &str, op: task::TaskOp<'_>) -> task::TaskReply {
+    s.task(id, op)
+        .await
+        .unwrap_or_else(|e| panic!("task op on {id}: {e}"))
+}
+
+fn client<'a>(owner: &'a str, act: task::ClientAct<'a>) -> task::TaskOp<'a> {
+    task::TaskOp::Client {
+        owner,
+        now: now_ms(),
+        act,
+    }
+}
+
+fn runner<'a>(runner: &'a str, act: task::RunnerAct<'a>) -> task::TaskOp<'a> {
+    task::TaskOp::Runner {
+        runner,
+        now: now_ms(),
+        act,
+    }
+}
+
+fn record(reply: task::TaskReply) -> HashMap<String, String> {
+    match reply {
+        task::TaskReply::Record(r) => r,
+        other => panic!("expected a record, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn task_records_follow_one_table_on_both_engines() {
+    use task::{ClientAct as C, RunnerAct as R, TaskOp, TaskReply};
+    for (name, s, _redis) in stores(Duration::from_secs(30)).await {
+        let id = "0123456789abcdef0123456789abcdef";
+        let fields = task_fields("alice", now_ms() + 60_000);
+        let created = task_op(
+            &s,
+            id,
+            TaskOp::Create {
+                fields: &fields,
+                ttl_ms: 60_000,
+            },
+        )
+        .await;
+        assert_eq!(created, TaskReply::Applied(1), "{name}");
+        assert_eq!(
+            record(task_op(&s, id, client("alice", C::Read)).await)["status"],
+            "working"
+        );
+        assert_eq!(
+            task_op(&s, id, client("bob", C::Read)).await,
+            TaskReply::Foreign,
+            "{name}"
+        );
+        assert_eq!(
+            task_op(&s, id, client("", C::Cancel)).await,
+            TaskReply::Foreign,
+            "{name}"
+        );
+        assert_eq!(
+            task_op(
+                &s,
+                "ffffffffffffffffffffffffffffffff",
+                client("alice", C::Read)
+            )
+            .await,
+            TaskReply::Gone
+        );
+
+        // Two questions; a partial answer removes exactly the answered one before the ack.
+        let asked = [
+            ("a".to_owned(), "{\"q\":1}".to_owned()),
+            ("b".to_owned(), "{\"q\":2}".to_owned()),
+        ];
+        let ask = R::Ask {
+            max: 3,
+            requests: &asked,
+        };
+        assert!(
+            matches!(
+                task_op(&s, id, runner("r1", ask)).await,
+                TaskReply::Runner { cancel: false, .. }
+            ),
+            "{name}"
+        );
+        let too_many = [
+            ("c".to_owned(), "{}".to_owned()),
+            ("d".to_owned(), "{}".to_owned()),
+        ];
+        assert_eq!(
+            task_op(
+                &s,
+                id,
+                runner(
+                    "r1",
+                    R::Ask {
+                        max: 3,
+                        requests: &too_many
+                    }
+                )
+            )
+            .await,
+            TaskReply::Full,
+            "{name}"
+        );
+        assert_eq!(
+            task_op(&s, id, runner("r2", R::Take)).await,
+            TaskReply::Fenced,
+            "{name}: another runner is fenced"
+        );
+        let answer = [
+            ("a".to_owned(), "{\"x\":1}".to_owned()),
+            ("zz".to_owned(), "{}".to_owned()),
+        ];
+        assert_eq!(
+            task_op(&s, id, client("alice", C::Update(&answer))).await,
+            TaskReply::Applied(1),
+            "{name}: unknown keys are ignored"
+        );
+        assert_eq!(
+            task_op(&s, id, client("alice", C::Update(&answer))).await,
+            TaskReply::Applied(0),
+            "{name}: answered keys are ignored"
+        );
+        let r = record(task_op(&s, id, client("alice", C::Read)).await);
+        assert!(
+            !r.contains_key("in:a") && r.contains_key("in:b"),
+            "{name}: {r:?}"
+        );
+        assert_eq!(r["nin"], "1", "{name}");
+        let renew = R::Renew {
+            until: now_ms() + 60_000,
+            msg: Some("half way"),
+        };
+        assert_eq!(
+            task_op(&s, id, runner("r1", renew)).await,
+            TaskReply::Runner {
+                cancel: false,
+                waiting: 1,
+                answers: vec![]
+            },
+            "{name}"
+        );
+        assert_eq!(
+            task_op(&s, id, runner("r1", R::Take)).await,
+            TaskReply::Runner {
+                cancel: false,
+                waiting: 0,
+                answers: vec![("a".into(), "{\"x\":1}".into())]
+            },
+            "{name}"
+        );
+        assert_eq!(
+            record(task_op(&s, id, client("alice", C::Read)).await)["msg"],
+            "half way"
+        );
+
+        // A cancel drops the pending question, and the runner sees it on its next step.
+        assert_eq!(
+            task_op(&s, id, client("alice", C::Cancel)).await,
+            TaskReply::Applied(1),
+            "{name}"
+        );
+        let r = record(task_op(&s, id, client("alice", C::Read)).await);
+        assert!(!r.contains_key("in:b") && r["nin"] == "0", "{name}: {r:?}");
+        assert!(
+            matches!(
+                task_op(&s, id, runner("r1", ask)).await,
+                TaskReply::Runner { cancel: true, .. }
+            ),
+            "{name}"
+        );
+        let finish = R::Finish {
+            status: "cancelled",
+            field: "",
+            payload: "",
+            msg: "",
+        };
+        assert_eq!(
+            task_op(&s, id, runner("r2", finish)).await,
+            TaskReply::Fenced,
+            "{name}"
+        );
+        assert!(
+            matches!(
+                task_op(&s, id, runner("r1", finish)).await,
+                TaskReply::Runner { .. }
+            ),
+            "{name}"
+        );
+        assert_eq!(
+            record(task_op(&s, id, client("alice", C::Read)).await)["status"],
+            "cancelled"
+        );
+        assert_eq!(
+            task_op(&s, id, client("alice", C::Cancel)).await,
+            TaskReply::Applied(0),
+            "{name}: cancel after the end is an ack"
+        );
+        assert_eq!(
+            task_op(&s, id, runner("r1", R::Take)).await,
+            TaskReply::Fenced,
+            "{name}: ended tasks take no writes"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_task_whose_lease_ran_out_reads_failed_and_fences_its_runner() {
+    use task::{ClientAct as C, RunnerAct as R, TaskOp, TaskReply};
+    for (name, s, _redis) in stores(Duration::from_secs(30)).await {
+        let id = "00000000000000000000000000000001";
+        let fields = task_fields("", now_ms().saturating_sub(1));
+        task_op(
+            &s,
+            id,
+            TaskOp::Create {
+                fields: &fields,
+                ttl_ms: 60_000,
+            },
+        )
+        .await;
+        let r = record(task_op(&s, id, client("", C::Read)).await);
+        assert_eq!(r["status"], "failed", "{name}");
+        assert_eq!(r["msg"], task::LOST_MESSAGE, "{name}");
+        assert!(r["error"].contains("-32603"), "{name}: {r:?}");
+        let renew = R::Renew {
+            until: now_ms() + 60_000,
+            msg: None,
+        };
+        assert_eq!(
+            task_op(&s, id, runner("r1", renew)).await,
+            TaskReply::Fenced,
+            "{name}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn expired_tasks_and_their_owner_sets_leave_nothing_behind() {
+    use task::{ClientAct as C, TaskOp, TaskReply};
+    for (name, s, redis) in stores(Duration::from_secs(30)).await {
+        let baseline = match &redis {
+            Some(r) => dbsize(r).await,
+            None => 0,
+        };
+        let expires = now_ms() + 600;
+        for (i, id) in [
+            "0000000000000000000000000000000a",
+            "0000000000000000000000000000000b",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let admitted = s.admit_task(Some("alice"), id, expires, 2).await.ok();
+            assert_eq!(admitted, Some(Admission::Admitted), "{name}: task {i}");
+            let fields = task_fields("alice", now_ms() + 60_000);
+            task_op(
+                &s,
+                id,
+                TaskOp::Create {
+                    fields: &fields,
+                    ttl_ms: 600,
+                },
+            )
+            .await;
+        }
+        let third = s
+            .admit_task(
+                Some("alice"),
+                "0000000000000000000000000000000c",
+                expires,
+                2,
+            )
+            .await
+            .ok();
+        assert!(
+            matches!(third, Some(Admission::Full { .. })),
+            "{name}: {third:?}"
+        );
+        let bob = s
+            .admit_task(Some("bob"), "0000000000000000000000000000000d", expires, 2)
+            .await
+            .ok();
+        assert_eq!(
+            bob,
+            Some(Admission::Admitted),
+            "{name}: limits are per principal"
+        );
+        assert_eq!(
+            s.admit_task(None, "0000000000000000000000000000000e", expires, 2)
+                .await
+                .ok(),
+            Some(Admission::Admitted)
+        );
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let gone = task_op(
+                &s,
+                "0000000000000000000000000000000a",
+                client("alice", C::Read),
+            )
+            .await
+                == TaskReply::Gone;
+            let keys = match &redis {
+                Some(r) => dbsize(r).await,
+                None => 0,
+            };
+            if gone && keys == baseline {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: tasks and owner sets must expire ({keys} keys, baseline {baseline})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let again = s
+            .admit_task(
+                Some("alice"),
+                "0000000000000000000000000000000f",
+                now_ms() + 600,
+                2,
+            )
+            .await
+            .ok();
+        assert_eq!(again, Some(Admission::Admitted), "{name}");
+    }
+}
