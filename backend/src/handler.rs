@@ -288,10 +288,12 @@ impl Handler {
         let Some(support) = self.task_support(&request.name) else {
             return Ok(None);
         };
-        // The stateless 2026-07-28 path: no session, no initialize, the version in `_meta`.
-        let stateless = cx.peer.peer_info().is_none()
-            && session_of(&cx.extensions).is_none()
-            && cx.meta.protocol_version().is_some();
+        // The stateless path (2026-07-28 or later): no session, the version in `_meta`.
+        let stateless = session_of(&cx.extensions).is_none()
+            && cx
+                .meta
+                .protocol_version()
+                .is_some_and(|v| v.to_string().as_str() >= "2026-07-28");
         let declared = stateless && cx.client_capabilities().is_some_and(|c| c.supports_tasks());
         if !declared {
             return match support {
