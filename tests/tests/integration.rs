@@ -24,6 +24,8 @@ mod edge_security;
 mod observability;
 #[path = "suites/session_state.rs"]
 mod session_state;
+#[path = "suites/tasks.rs"]
+mod tasks;
 
 async fn cluster(n: usize, aof: bool) -> (Redis, Vec<Backend>) {
     let redis = Redis::start(aof)

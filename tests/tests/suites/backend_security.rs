@@ -781,3 +781,65 @@ async fn the_per_principal_session_cap_answers_429_until_a_session_ends() {
         }
     }
 }
+
+/// A task answers only the principal that created it: to anyone else (another principal, an
+/// anonymous caller) `tasks/get`, `tasks/update` and `tasks/cancel` are an unknown task
+/// (-32602), on every replica, and leave it untouched; each principal holds at most
+/// `tasks.max_per_principal` live tasks.
+#[tokio::test]
+async fn a_task_answers_only_the_principal_that_created_it() {
+    use super::tasks::{get, rpc, start_task};
+    let redis = Redis::start(false).await.expect("redis");
+    let yaml = "tasks: {max_per_principal: 2}\n";
+    let (a, _da) = backend("a", Some(&redis), yaml, SECURE).await;
+    let (b, _db) = backend("b", Some(&redis), yaml, SECURE).await;
+    let alice = as_principal("alice");
+    let mallory = as_principal("mallory");
+    let anonymous = reqwest::Client::new();
+    let long = json!({"steps": 100, "delay_ms": 200});
+    let id = start_task(&alice, &a.mcp(), "slow_task", long.clone()).await;
+    let unknown = get(&mallory, &b.mcp(), UNKNOWN).await;
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+    for (who, http) in [("mallory", &mallory), ("anonymous", &anonymous)] {
+        let seen = get(http, &b.mcp(), &id).await;
+        assert_eq!(seen["error"]["code"], -32602, "{who} get: {seen}");
+        assert_eq!(
+            seen["error"]["message"]
+                .as_str()
+                .map(|m| m.replace(&id, UNKNOWN)),
+            unknown["error"]["message"].as_str().map(str::to_owned),
+            "{who}: a foreign task reads exactly like an unknown one"
+        );
+        let cancel = rpc(http, &a.mcp(), "tasks/cancel", json!({"taskId": id})).await;
+        assert_eq!(cancel["error"]["code"], -32602, "{who} cancel: {cancel}");
+        let update = rpc(
+            http,
+            &b.mcp(),
+            "tasks/update",
+            json!({"taskId": id, "inputResponses": {"x": {}}}),
+        )
+        .await;
+        assert_eq!(update["error"]["code"], -32602, "{who} update: {update}");
+    }
+    let still = get(&alice, &b.mcp(), &id).await;
+    assert_eq!(still["result"]["status"], "working", "untouched: {still}");
+
+    start_task(&alice, &b.mcp(), "slow_task", long.clone()).await;
+    let third = rpc(
+        &alice,
+        &a.mcp(),
+        "tools/call",
+        json!({"name": "slow_task", "arguments": long}),
+    )
+    .await;
+    assert_eq!(third["error"]["code"], -32000, "{third}");
+    assert!(
+        third["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("tasks.max_per_principal: 2")),
+        "{third}"
+    );
+    start_task(&mallory, &a.mcp(), "slow_task", long).await;
+    let ack = rpc(&alice, &a.mcp(), "tasks/cancel", json!({"taskId": id})).await;
+    assert_eq!(ack["result"]["resultType"], "complete", "{ack}");
+}

@@ -1,0 +1,341 @@
+//! Issue 12: tasks (SEP-2663) that any replica answers. Real Redis, real backends; each
+//! request goes to the replica the test names, as a round-robin balancer would spread them.
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tests::{Backend, Redis, TempDir};
+
+/// A stateless 2026-07-28 request of a client that declares the tasks extension, sent to
+/// `url` by `http`, with the routing headers the spec asks for; returns the JSON-RPC message.
+pub(crate) async fn rpc(http: &reqwest::Client, url: &str, method: &str, params: Value) -> Value {
+    let mut params = params;
+    params["_meta"] = json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "tasks-test", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {
+            "elicitation": {},
+            "extensions": {"io.modelcontextprotocol/tasks": {}}
+        }
+    });
+    let name = params
+        .get("name")
+        .or_else(|| params.get("taskId"))
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    let mut r = http
+        .post(url)
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", method);
+    if let Some(n) = name {
+        r = r.header("mcp-name", n);
+    }
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let reply = r
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{method} to {url}: {e}"));
+    let sse = reply
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let mut text = reply.text().await.unwrap_or_default();
+    if sse {
+        tests::parse_sse(&mut text)
+            .iter()
+            .filter_map(tests::SseEvent::json)
+            .find(|m| m.get("id").is_some())
+            .unwrap_or_else(|| panic!("{method}: no response in the stream"))
+    } else {
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+    }
+}
+
+/// Starts `name` with `args` on `url` and returns the task id of the CreateTaskResult.
+pub(crate) async fn start_task(
+    http: &reqwest::Client,
+    url: &str,
+    name: &str,
+    args: Value,
+) -> String {
+    let m = rpc(
+        http,
+        url,
+        "tools/call",
+        json!({"name": name, "arguments": args}),
+    )
+    .await;
+    assert_eq!(m["result"]["resultType"], "task", "{name} made a task: {m}");
+    m["result"]["taskId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no taskId: {m}"))
+        .to_owned()
+}
+
+pub(crate) async fn get(http: &reqwest::Client, url: &str, id: &str) -> Value {
+    rpc(http, url, "tasks/get", json!({"taskId": id})).await
+}
+
+/// Polls `tasks/get` on `url` until `done` holds for the result; returns it and how long it
+/// took.
+async fn poll_until(
+    http: &reqwest::Client,
+    url: &str,
+    id: &str,
+    within: Duration,
+    done: impl Fn(&Value) -> bool,
+) -> (Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let m = get(http, url, id).await;
+        if done(&m["result"]) {
+            return (m["result"].clone(), started.elapsed());
+        }
+        assert!(
+            started.elapsed() < within,
+            "task {id} not there within {within:?}: last {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
+    move |r: &Value| r["status"] == status
+}
+
+/// Three replicas on one Redis, with `yaml` as their config.
+async fn replicas(redis: &Redis, yaml: &str) -> (Vec<Backend>, TempDir) {
+    let dir = TempDir::new("tasks-conf");
+    let conf = dir.0.join("backend.yaml");
+    std::fs::write(&conf, yaml).expect("write config");
+    let mut b = Vec::new();
+    for name in ["a", "b", "c"] {
+        b.push(
+            Backend::start(
+                name,
+                Some(&redis.url()),
+                &["-c", conf.to_str().unwrap_or_default()],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("backend {name}: {e:#}")),
+        );
+    }
+    (b, dir)
+}
+
+#[tokio::test]
+async fn a_task_created_on_one_replica_is_polled_on_the_others_and_cancelled_on_a_third() {
+    let redis = Redis::start(false).await.expect("redis");
+    let (b, _dir) = replicas(&redis, "").await;
+    let http = reqwest::Client::new();
+    let (a, bb, c) = (b[0].mcp(), b[1].mcp(), b[2].mcp());
+
+    // A short one runs to completion on A while B and C poll it.
+    let id = start_task(&http, &a, "slow_task", json!({"steps": 3, "delay_ms": 100})).await;
+    let first = get(&http, &bb, &id).await;
+    assert_eq!(
+        first["result"]["taskId"],
+        id.as_str(),
+        "an immediate get on B finds it: {first}"
+    );
+    let (done, _) = poll_until(
+        &http,
+        &c,
+        &id,
+        Duration::from_secs(10),
+        status_is("completed"),
+    )
+    .await;
+    assert_eq!(
+        done["result"]["content"][0]["text"], "completed 3 steps",
+        "{done}"
+    );
+
+    // A long one: B sees it working with a status message, C cancels it, B sees it cancelled.
+    let id = start_task(
+        &http,
+        &a,
+        "slow_task",
+        json!({"steps": 100, "delay_ms": 300}),
+    )
+    .await;
+    let (working, _) = poll_until(&http, &bb, &id, Duration::from_secs(10), |r| {
+        r["status"] == "working"
+            && r["statusMessage"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("step "))
+    })
+    .await;
+    assert!(working.get("result").is_none(), "{working}");
+    let ack = rpc(&http, &c, "tasks/cancel", json!({"taskId": id})).await;
+    assert_eq!(ack["result"], json!({"resultType": "complete"}), "{ack}");
+    let (cancelled, took) = poll_until(
+        &http,
+        &bb,
+        &id,
+        Duration::from_secs(5),
+        status_is("cancelled"),
+    )
+    .await;
+    eprintln!("cancel on C reached the runner on A: B saw `cancelled` after {took:?}");
+    assert!(cancelled.get("result").is_none(), "{cancelled}");
+    let again = rpc(&http, &a, "tasks/cancel", json!({"taskId": id})).await;
+    assert_eq!(
+        again["result"],
+        json!({"resultType": "complete"}),
+        "a second cancel is the same ack"
+    );
+
+    let unknown = get(&http, &c, "0123456789abcdef0123456789abcdef").await;
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+}
+
+#[tokio::test]
+async fn an_input_required_task_is_answered_through_another_replica() {
+    let redis = Redis::start(false).await.expect("redis");
+    let (b, _dir) = replicas(&redis, "").await;
+    let http = reqwest::Client::new();
+    let id = start_task(
+        &http,
+        &b[0].mcp(),
+        "confirm",
+        json!({"question": "Ship it?"}),
+    )
+    .await;
+    let (asking, _) = poll_until(
+        &http,
+        &b[1].mcp(),
+        &id,
+        Duration::from_secs(10),
+        status_is("input_required"),
+    )
+    .await;
+    let request = &asking["inputRequests"]["confirmed"];
+    assert_eq!(request["method"], "elicitation/create", "{asking}");
+    assert_eq!(request["params"]["message"], "Ship it?", "{asking}");
+
+    let answer = json!({"confirmed": {"action": "accept", "content": {"confirmed": true}}});
+    let ack = rpc(
+        &http,
+        &b[2].mcp(),
+        "tasks/update",
+        json!({"taskId": id, "inputResponses": answer}),
+    )
+    .await;
+    assert_eq!(ack["result"]["resultType"], "complete", "{ack}");
+    let (done, took) = poll_until(
+        &http,
+        &b[1].mcp(),
+        &id,
+        Duration::from_secs(10),
+        status_is("completed"),
+    )
+    .await;
+    eprintln!("answer given on C reached the runner on A: completed after {took:?}");
+    assert_eq!(
+        done["result"]["structuredContent"]["confirmed"], true,
+        "{done}"
+    );
+    assert_eq!(
+        done["result"]["structuredContent"]["node"], "a",
+        "it ran on the replica that created it: {done}"
+    );
+}
+
+/// The replica running a task is SIGKILLed: the others report the task `failed`, with a
+/// message saying why, within the lease (`tasks.lease_seconds: 3` here), never `working`
+/// forever.
+#[tokio::test]
+async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
+    let redis = Redis::start(false).await.expect("redis");
+    let lease = Duration::from_secs(3);
+    let (mut b, _dir) = replicas(&redis, "tasks: {lease_seconds: 3}\n").await;
+    let http = reqwest::Client::new();
+    let id = start_task(
+        &http,
+        &b[0].mcp(),
+        "slow_task",
+        json!({"steps": 100, "delay_ms": 500}),
+    )
+    .await;
+    let (_, _) = poll_until(
+        &http,
+        &b[1].mcp(),
+        &id,
+        Duration::from_secs(5),
+        status_is("working"),
+    )
+    .await;
+    b[0].kill().await;
+    let killed = Instant::now();
+    let (failed, _) = poll_until(
+        &http,
+        &b[2].mcp(),
+        &id,
+        lease + Duration::from_secs(3),
+        status_is("failed"),
+    )
+    .await;
+    let took = killed.elapsed();
+    eprintln!(
+        "task of a SIGKILLed replica reported failed {took:?} after the kill (lease {lease:?})"
+    );
+    assert!(
+        took <= lease + Duration::from_secs(1),
+        "failed after {took:?}"
+    );
+    assert_eq!(failed["error"]["code"], -32603, "{failed}");
+    assert!(
+        failed["statusMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("stopped")),
+        "{failed}"
+    );
+    // Every replica agrees, and stays so.
+    let later = get(&http, &b[1].mcp(), &id).await;
+    assert_eq!(later["result"]["status"], "failed", "{later}");
+}
+
+/// Without the extension a task-capable tool runs inline; the task surface answers -32021.
+#[tokio::test]
+async fn clients_without_the_extension_get_inline_results_and_no_task_surface() {
+    let b = Backend::start("solo", None, &[]).await.expect("backend");
+    let http = reqwest::Client::new();
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+    "name": "slow_task", "arguments": {"steps": 1, "delay_ms": 0},
+    "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": {}
+    }}});
+    let m: Value = http
+        .post(b.mcp())
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "slow_task")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("send")
+        .text()
+        .await
+        .map(|t| {
+            let mut t = t;
+            tests::parse_sse(&mut t)
+                .iter()
+                .find_map(tests::SseEvent::json)
+                .unwrap_or_else(|| serde_json::from_str(&t).unwrap_or_default())
+        })
+        .expect("body");
+    assert_eq!(
+        m["result"]["content"][0]["text"], "completed 1 steps",
+        "{m}"
+    );
+    assert!(m["result"].get("taskId").is_none(), "{m}");
+}
