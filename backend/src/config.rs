@@ -49,6 +49,8 @@ pub const DEFAULT_PRINCIPAL_MAX_SKEW_SECONDS: u64 = 60;
 pub const DEFAULT_MAX_SESSIONS_PER_PRINCIPAL: u64 = 100;
 /// Shortest accepted `principal_secret` (HMAC-SHA256 key): 32 bytes.
 pub const MIN_PRINCIPAL_SECRET_BYTES: usize = 32;
+/// Default `list_ttl_ms`: how long list results may be treated as fresh (their `ttlMs`).
+pub const DEFAULT_LIST_TTL_MS: u64 = 60_000;
 /// Default `tasks.ttl_seconds`: how long a task stays readable from its creation.
 pub const DEFAULT_TASK_TTL_SECONDS: u64 = 300;
 /// Default `tasks.lease_seconds`: how long a task outlives the replica running it unrenewed.
@@ -263,6 +265,7 @@ pub struct FileConfig {
     pub require_principal: Option<bool>,
     pub max_sessions_per_principal: Option<u64>,
     pub tasks: Option<TasksFile>,
+    pub list_ttl_ms: Option<u64>,
 }
 
 /// The `tasks:` section as written (the tasks extension; see `backend/src/sessions.md`).
@@ -396,6 +399,8 @@ pub struct Config {
     /// Live sessions per principal; 0: unlimited.
     pub max_sessions_per_principal: u64,
     pub tasks: TasksConfig,
+    /// `ttlMs` of 2026-07-28 list results (0: not to be cached).
+    pub list_ttl_ms: u64,
 }
 
 impl Default for Config {
@@ -693,6 +698,16 @@ impl FileConfig {
                 .max_sessions_per_principal
                 .unwrap_or(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL),
             tasks: self.tasks.unwrap_or_default().validate()?,
+            list_ttl_ms: match self.list_ttl_ms.unwrap_or(DEFAULT_LIST_TTL_MS) {
+                ttl if ttl > 86_400_000 => {
+                    return Err(invalid(
+                        "list_ttl_ms",
+                        ttl,
+                        "must be at most 86400000 (one day)",
+                    ));
+                }
+                ttl => ttl,
+            },
         })
     }
 }
@@ -1182,5 +1197,6 @@ mod conf_files {
             default.max_sessions_per_principal
         );
         assert_eq!(shipped.tasks, default.tasks);
+        assert_eq!(shipped.list_ttl_ms, default.list_ttl_ms);
     }
 }

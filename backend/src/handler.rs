@@ -656,9 +656,11 @@ impl ServerHandler for Handler {
         _request: Option<PaginatedRequestParams>,
         _cx: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(
-            self.served_tools().cloned().collect(),
-        ))
+        Ok(
+            ListToolsResult::with_all_items(self.served_tools().cloned().collect())
+                .with_ttl_ms(self.node.config.list_ttl_ms)
+                .with_cache_scope(CacheScope::Public),
+        )
     }
 
     fn get_tool(&self, name: &str) -> Option<Tool> {
@@ -728,7 +730,10 @@ impl ServerHandler for Handler {
         if self.node.config.conformance {
             resources.extend(conformance::resources());
         }
-        Ok(ListResourcesResult::with_all_items(resources))
+        // Private: a server's resources are often the caller's own.
+        Ok(ListResourcesResult::with_all_items(resources)
+            .with_ttl_ms(self.node.config.list_ttl_ms)
+            .with_cache_scope(CacheScope::Private))
     }
 
     async fn list_resource_templates(
@@ -741,7 +746,9 @@ impl ServerHandler for Handler {
         } else {
             Vec::new()
         };
-        Ok(ListResourceTemplatesResult::with_all_items(templates))
+        Ok(ListResourceTemplatesResult::with_all_items(templates)
+            .with_ttl_ms(self.node.config.list_ttl_ms)
+            .with_cache_scope(CacheScope::Public))
     }
 
     async fn read_resource(
@@ -856,7 +863,9 @@ impl ServerHandler for Handler {
         if self.node.config.conformance {
             prompts.extend(conformance::prompts());
         }
-        Ok(ListPromptsResult::with_all_items(prompts))
+        Ok(ListPromptsResult::with_all_items(prompts)
+            .with_ttl_ms(self.node.config.list_ttl_ms)
+            .with_cache_scope(CacheScope::Public))
     }
 
     async fn get_prompt(

@@ -329,6 +329,46 @@ pub struct PoolFile {
     pub outlier_detection: OutlierFile,
     #[serde(default)]
     pub dns: DnsFile,
+    #[serde(default)]
+    pub list_cache: ListCacheFile,
+}
+
+/// A pool's `list_cache` as written (see `list_cache.rs`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListCacheFile {
+    pub enabled: bool,
+    pub max_entries: usize,
+    pub max_bytes: usize,
+    pub max_entry_bytes: usize,
+    pub max_ttl_ms: u64,
+}
+
+impl Default for ListCacheFile {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_entries: 1024,
+            max_bytes: 16 * 1024 * 1024,
+            max_entry_bytes: 1024 * 1024,
+            max_ttl_ms: 300_000,
+        }
+    }
+}
+
+/// The validated `list_cache` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListCacheConfig {
+    pub enabled: bool,
+    /// Lists kept (each page, method, client capabilities and, for private lists, principal
+    /// is one), least recently used out first.
+    pub max_entries: usize,
+    /// Bytes of cached results in all, least recently used out first.
+    pub max_bytes: usize,
+    /// A larger answer is not cached.
+    pub max_entry_bytes: usize,
+    /// Never kept longer than this, whatever `ttlMs` says.
+    pub max_ttl: Duration,
 }
 
 /// How a pool's `discover` entries are resolved.
@@ -612,6 +652,7 @@ pub struct PoolConfig {
     /// Entries resolved periodically into backends (`discovery.rs`).
     pub discover: Vec<DiscoverConfig>,
     pub dns: DnsConfig,
+    pub list_cache: ListCacheConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -785,6 +826,7 @@ impl Config {
                 limits: PoolLimitsFile::default(),
                 outlier_detection: OutlierFile::default(),
                 dns: DnsFile::default(),
+                list_cache: ListCacheFile::default(),
             }],
         };
         file.validate().map_err(|e| match e {
@@ -1410,6 +1452,36 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         min_refresh,
         max_refresh,
     };
+    let c = p.list_cache;
+    let ckey = format!("{key}.list_cache");
+    if !(1..=1_000_000).contains(&c.max_entries) {
+        return Err(invalid(
+            format!("{ckey}.max_entries"),
+            c.max_entries,
+            "must be between 1 and 1000000",
+        ));
+    }
+    if !(1024..=16 * 1024 * 1024).contains(&c.max_entry_bytes) {
+        return Err(invalid(
+            format!("{ckey}.max_entry_bytes"),
+            c.max_entry_bytes,
+            "must be between 1024 and 16777216",
+        ));
+    }
+    if c.max_bytes < c.max_entry_bytes || c.max_bytes > 1 << 30 {
+        return Err(invalid(
+            format!("{ckey}.max_bytes"),
+            c.max_bytes,
+            "must be at least max_entry_bytes and at most 1073741824",
+        ));
+    }
+    let list_cache = ListCacheConfig {
+        enabled: c.enabled,
+        max_entries: c.max_entries,
+        max_bytes: c.max_bytes,
+        max_entry_bytes: c.max_entry_bytes,
+        max_ttl: millis(&format!("{ckey}.max_ttl_ms"), c.max_ttl_ms, 1, 86_400_000)?,
+    };
     let outlier = crate::outlier::OutlierConfig {
         consecutive_errors: o.consecutive_errors,
         base_ejection,
@@ -1458,6 +1530,7 @@ fn validate_pool(key: &str, p: PoolFile) -> Result<PoolConfig, ConfigError> {
         outlier,
         discover,
         dns,
+        list_cache,
     })
 }
 
@@ -1643,6 +1716,16 @@ mod tests {
                 pool("outlier_detection: {max_ejected_percent: 101}"),
                 "pools[0].outlier_detection.max_ejected_percent",
                 "101",
+            ),
+            (
+                pool("list_cache: {enabled: true, max_ttl_ms: 0}"),
+                "pools[0].list_cache.max_ttl_ms",
+                "0",
+            ),
+            (
+                pool("list_cache: {max_entry_bytes: 4096, max_bytes: 1024}"),
+                "pools[0].list_cache.max_bytes",
+                "1024",
             ),
             (
                 pool("routing: {post: random}"),

@@ -2,7 +2,8 @@
 //! `interval_ms`, run as a pingora background service. `healthy_threshold` successes in a row
 //! bring a backend up, `unhealthy_threshold` failures take it down; a refused connection on
 //! live traffic takes it down at once (see [`crate::pool::BackendState::connect_failed`]).
-//! The same loop also drops expired session pins and reloads on SIGHUP.
+//! The same loop also drops expired session pins, reloads on SIGHUP, and starts the list
+//! caches' invalidation streams.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,8 +131,12 @@ impl BackgroundService for HealthChecker {
                 }
                 last_sweep = Instant::now();
             }
-            // JWKS fetches and refreshes run off the request path (at most one at a time).
+            // JWKS fetches and refreshes run off the request path (at most one at a time); a
+            // list cache's invalidation stream starts once per cache.
             for pool in &snapshot.pools {
+                if let Some(c) = &pool.list_cache {
+                    c.ensure_listener(self.shared.clone(), pool.config.name.clone());
+                }
                 if let Some(a) = &pool.auth
                     && a.refresh_wanted()
                 {

@@ -7,6 +7,7 @@
 //!   and request header checks.
 //! - [`auth`]: bearer JWTs and API keys, the principal sent to the backends.
 //! - [`limits`]: rate, concurrency and stream limits per principal; the header deadline.
+//! - [`list_cache`]: the edge cache of 2026-07-28 list results (`ttlMs`, `cacheScope`).
 //! - [`client_addr`]: the client address behind trusted proxies.
 //! - [`mcp`]: what the proxy reads of MCP requests (session id, protocol version, JSON-RPC
 //!   method) and the JSON-RPC errors it answers with.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod discovery;
 pub mod health;
 pub mod limits;
+pub mod list_cache;
 pub mod mcp;
 pub mod metrics;
 pub mod outlier;

@@ -53,6 +53,8 @@ pub struct Metrics {
     /// Requests of a known session sent to another backend than its pin (the pinned one was
     /// down, draining or full), by pool.
     pub handoffs: IntCounterVec,
+    /// List requests of `list_cache` pools by pool and result (`hit`, `miss`, `stored`).
+    pub list_cache: IntCounterVec,
     /// Log lines dropped because stdout could not keep up.
     pub log_lines_dropped: IntCounter,
     log_drops: OnceLock<telemetry::LogDrops>,
@@ -105,6 +107,13 @@ impl Metrics {
                 "Requests of a pinned session sent to another backend",
             ),
             &["pool"],
+        )?;
+        let list_cache = IntCounterVec::new(
+            Opts::new(
+                "mcp_proxy_list_cache_total",
+                "List requests of list_cache pools: answered from the cache (hit), sent to a backend (miss), answers kept (stored)",
+            ),
+            &["pool", "result"],
         )?;
         let log_lines_dropped = IntCounter::new(
             "mcp_proxy_log_lines_dropped_total",
@@ -170,6 +179,7 @@ impl Metrics {
         registry.register(Box::new(backend_ejected.clone()))?;
         registry.register(Box::new(sessions_ended.clone()))?;
         registry.register(Box::new(handoffs.clone()))?;
+        registry.register(Box::new(list_cache.clone()))?;
         registry.register(Box::new(log_lines_dropped.clone()))?;
         Ok(Self {
             registry,
@@ -189,6 +199,7 @@ impl Metrics {
             backend_ejected,
             sessions_ended,
             handoffs,
+            list_cache,
             log_lines_dropped,
             log_drops: OnceLock::new(),
         })
@@ -266,6 +277,7 @@ mod tests {
         m.backend_ejected.with_label_values(&["p", "b"]).set(0);
         m.sessions_ended.with_label_values(&["p", "deleted"]).inc();
         m.handoffs.with_label_values(&["p"]).inc();
+        m.list_cache.with_label_values(&["p", "hit"]).inc();
         m.log_lines_dropped.inc();
         let text = String::from_utf8(m.render()).unwrap();
         let defined: Vec<&str> = text

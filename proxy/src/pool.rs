@@ -193,6 +193,9 @@ pub struct Pool {
     /// Tool -> whether its `tools/list` annotations say it may be repeated, learned from the
     /// answers passing through (at most [`MAX_TOOLS`]); kept across reloads.
     tools: Arc<Mutex<HashMap<String, bool>>>,
+    /// The edge cache of list results (`list_cache.enabled`); kept across reloads that change
+    /// neither it nor the backends.
+    pub list_cache: Option<Arc<crate::list_cache::ListCache>>,
 }
 
 /// Tools remembered per pool.
@@ -264,6 +267,12 @@ impl Pool {
             .cloned()
             .unwrap_or_else(|| Arc::new(crate::limits::Limiter::new(config.limits.clone())));
         let tools = previous.map(|p| p.tools.clone()).unwrap_or_default();
+        let list_cache = previous
+            .filter(|p| p.config.backends == config.backends)
+            .and_then(|p| p.list_cache.as_ref())
+            .filter(|c| *c.config() == config.list_cache)
+            .cloned()
+            .or_else(|| crate::list_cache::ListCache::new(&config.list_cache));
         Self {
             config,
             checker,
@@ -274,6 +283,7 @@ impl Pool {
             auth,
             limiter,
             tools,
+            list_cache,
         }
     }
 

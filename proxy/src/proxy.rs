@@ -104,6 +104,11 @@ pub struct Ctx {
     pub(crate) answered: bool,
     /// A `tools/list` answer being read for its tool annotations.
     pub(crate) tools_list: Option<BytesMut>,
+    /// A list request the pool's list cache may keep the answer of, and that answer so far.
+    pub(crate) list_fill: Option<crate::list_cache::Lookup>,
+    pub(crate) list_body: Option<BytesMut>,
+    /// A notification stream whose list changes empty the pool's list cache.
+    pub(crate) list_watch: bool,
     /// The request's spans, when traces are on.
     pub(crate) trace: Option<crate::trace::Trace>,
     /// When the current attempt's backend was chosen.
@@ -667,6 +672,9 @@ impl ProxyHttp for McpProxy {
             post: None,
             answered: false,
             tools_list: None,
+            list_fill: None,
+            list_body: None,
+            list_watch: false,
             trace: None,
             attempt_start: None,
             stream_on: None,
@@ -867,6 +875,7 @@ impl ProxyHttp for McpProxy {
         // `Expect: 100-continue` clients send the body only after the backend's 100: not peeked.
         let expects = session.req_header().headers.contains_key(header::EXPECT);
         let method_header = mcp::method_header(&session.req_header().headers);
+        let mut peeked: Option<Bytes> = None;
         if post
             && !expects
             && let Some(len) = content_length.filter(|n| (1..=PEEK_LIMIT).contains(n))
@@ -896,12 +905,17 @@ impl ProxyHttp for McpProxy {
                     break;
                 }
             }
+            let whole = match first {
+                Some(f) => f,
+                None => joined.freeze(),
+            };
             ctx.peek = match &method_header {
                 // 2026-07-28 requests name their method in headers, which the backend checks
                 // against the body (-32020): no body parse here.
                 Some(m) => mcp::Peek::from_headers(m, &session.req_header().headers),
-                None => mcp::peek(first.as_deref().unwrap_or(&joined)),
+                None => mcp::peek(&whole),
             };
+            peeked = Some(whole);
         }
         let req = session.req_header();
         if let Some(v) = req.headers.get("mcp-session-id") {
@@ -922,6 +936,40 @@ impl ProxyHttp for McpProxy {
         }
         if kind == Kind::LegacyMessage {
             ctx.session = req.uri.query().and_then(mcp::query_session_id);
+        }
+        if let Some(cache) = &pool.list_cache
+            && kind == Kind::Post
+            && ctx.stateless
+            && ctx.session.is_none()
+        {
+            let method = ctx.peek.method.as_deref().unwrap_or_default();
+            ctx.list_watch = method == "subscriptions/listen";
+            let version = session
+                .req_header()
+                .headers
+                .get("mcp-protocol-version")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default();
+            if let Some(lookup) = peeked
+                .as_ref()
+                .and_then(|body| cache.lookup(method, body, version, ctx.principal.as_ref()))
+            {
+                let count = |result| {
+                    self.shared
+                        .metrics
+                        .list_cache
+                        .with_label_values(&[pool.config.name.as_str(), result])
+                        .inc();
+                };
+                if let Some(hit) = cache.get(&lookup) {
+                    count("hit");
+                    ctx.status = 200;
+                    respond::json(session, 200, hit, &[("x-mcp-cache", "hit".to_owned())]).await?;
+                    return Ok(true);
+                }
+                count("miss");
+                ctx.list_fill = Some(lookup);
+            }
         }
         if kind == Kind::Stream && pool.config.shared_sessions && ctx.session.is_some() {
             // Any backend can resume this stream: the proxy keeps it open across backends.
@@ -1136,6 +1184,14 @@ impl ProxyHttp for McpProxy {
         {
             ctx.tools_list = Some(BytesMut::new());
         }
+        if ctx.list_fill.is_some() {
+            if resp.status == http::StatusCode::OK {
+                ctx.list_body = Some(BytesMut::new());
+                resp.insert_header("x-mcp-cache", "miss")?;
+            } else {
+                ctx.list_fill = None;
+            }
+        }
         let b = &pool.backends[i];
         let r = &pool.config.routing;
         let name = pool.config.name.as_str();
@@ -1240,8 +1296,36 @@ impl ProxyHttp for McpProxy {
                 pool.learn_tools(mcp::tool_hints(&list));
             }
         }
+        if let Some(buf) = ctx.list_body.as_mut() {
+            if let Some(chunk) = body.as_ref() {
+                buf.extend_from_slice(chunk);
+            }
+            let cache = ctx.pool.as_ref().and_then(|p| p.list_cache.as_ref());
+            if cache.is_none_or(|c| buf.len() > c.config().max_entry_bytes + 4096) {
+                ctx.list_body = None;
+            } else if end_of_stream
+                && let (Some(buf), Some(lookup), Some(pool)) =
+                    (ctx.list_body.take(), ctx.list_fill.take(), &ctx.pool)
+                && let Some(cache) = &pool.list_cache
+                && cache.fill(&lookup, &buf)
+            {
+                self.shared
+                    .metrics
+                    .list_cache
+                    .with_label_values(&[pool.config.name.as_str(), "stored"])
+                    .inc();
+            }
+        }
         if let Some(cursor) = ctx.post.as_mut() {
             crate::resume::whole_events(cursor, body, end_of_stream, &mut ctx.answered);
+        }
+        if ctx.list_watch
+            && let Some(chunk) = body.as_ref()
+            && let Some(cache) = ctx.pool.as_ref().and_then(|p| p.list_cache.as_ref())
+        {
+            // Whole events, before the client reads them: a list change empties the cache
+            // first, so the client's next list is not a stale hit.
+            cache.watch(chunk);
         }
         if let (Some(buf), Some(chunk)) = (ctx.scan.as_mut(), body.as_ref()) {
             buf.extend_from_slice(chunk);

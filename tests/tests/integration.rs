@@ -20,6 +20,8 @@ mod continuity;
 mod deploy;
 #[path = "suites/edge_security.rs"]
 mod edge_security;
+#[path = "suites/list_cache.rs"]
+mod list_cache;
 #[path = "suites/observability.rs"]
 mod observability;
 #[path = "suites/session_state.rs"]
