@@ -150,15 +150,23 @@ impl ListCache {
             return None;
         }
         let id = req.id.to_string();
-        let (cursor, capabilities) = match req.params {
-            Some(p) => (
-                p.cursor,
-                p.meta
-                    .and_then(|m| m.get("io.modelcontextprotocol/clientCapabilities").cloned())
-                    .map(|c| c.to_string()),
-            ),
-            None => (None, None),
-        };
+        // The `_meta` every 2026-07-28 request carries, its version the header's: anything
+        // else is the backend's to refuse.
+        let params = req.params?;
+        let meta = params.meta?;
+        let declared = meta
+            .get("io.modelcontextprotocol/protocolVersion")
+            .and_then(Value::as_str);
+        let capabilities = meta.get("io.modelcontextprotocol/clientCapabilities")?;
+        if declared != Some(version)
+            || !capabilities.is_object()
+            || !meta
+                .get("io.modelcontextprotocol/clientInfo")
+                .is_some_and(Value::is_object)
+        {
+            return None;
+        }
+        let (cursor, capabilities) = (params.cursor, Some(capabilities.to_string()));
         let common = format!(
             "{method}\u{1f}{}\u{1f}{version}\u{1f}{}",
             cursor.as_deref().unwrap_or("\u{0}"),
@@ -299,6 +307,21 @@ impl ListCache {
         }
         tokio::spawn(listen(Arc::downgrade(self), shared, pool));
     }
+}
+
+/// Headers the cache may answer: no `Mcp-Name` and no `Origin` (both are the backend's to
+/// judge), and an `Accept` naming both JSON and SSE, as 2026-07-28 clients send.
+pub fn plain_request(headers: &http::HeaderMap) -> bool {
+    let accept = headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .map(|v| v.as_bytes())
+        .collect::<Vec<_>>()
+        .concat();
+    !headers.contains_key("mcp-name")
+        && !headers.contains_key(http::header::ORIGIN)
+        && contains(&accept, b"application/json")
+        && contains(&accept, b"text/event-stream")
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -455,7 +478,14 @@ mod tests {
         }
     }
 
-    const REQ: &[u8] = br#"{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    const REQ: &[u8] = br#"{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"t","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+
+    fn with_cursor(cursor: &str) -> String {
+        String::from_utf8_lossy(REQ).replace(
+            r#""params":{"#,
+            &format!(r#""params":{{"cursor":"{cursor}","#),
+        )
+    }
 
     fn answer(id: &str, ttl: &str, scope: &str) -> Vec<u8> {
         format!(
@@ -472,9 +502,14 @@ mod tests {
             .expect("cacheable");
         assert!(c.get(&l).is_none());
         assert!(c.fill(&l, &answer("7", "60000", "public")));
-        let other = br#"{"jsonrpc":"2.0","id":"x-1","method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+        let other = String::from_utf8_lossy(REQ).replace(r#""id":7"#, r#""id":"x-1""#);
         let l2 = c
-            .lookup("tools/list", other, "2026-07-28", Some(&principal("bob")))
+            .lookup(
+                "tools/list",
+                other.as_bytes(),
+                "2026-07-28",
+                Some(&principal("bob")),
+            )
             .expect("cacheable");
         let hit: Value = serde_json::from_slice(&c.get(&l2).expect("hit")).expect("json");
         assert_eq!(hit["id"], "x-1");
@@ -535,6 +570,8 @@ mod tests {
             br#"{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{"extra":1}}"#.as_slice(),
             br#"{"jsonrpc":"2.0","id":null,"method":"tools/list"}"#,
             br#"{"jsonrpc":"2.0","id":7,"method":"prompts/list"}"#,
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/list"}"#,
+            br#"{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2025-11-25","io.modelcontextprotocol/clientInfo":{},"io.modelcontextprotocol/clientCapabilities":{}}}}"#,
             br#"not json"#,
         ] {
             assert!(
@@ -574,9 +611,7 @@ mod tests {
     fn entries_and_bytes_are_bounded_and_ttl_is_never_exceeded() {
         let c = cache(2, 1 << 20);
         for cursor in ["a", "b", "c"] {
-            let req = format!(
-                r#"{{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{{"cursor":"{cursor}"}}}}"#
-            );
+            let req = with_cursor(&cursor.to_string());
             let l = c
                 .lookup("tools/list", req.as_bytes(), "2026-07-28", None)
                 .expect("key");
@@ -585,9 +620,7 @@ mod tests {
         assert_eq!(c.len(), 2, "max_entries");
         let small = cache(100, 1024);
         for cursor in 0..50 {
-            let req = format!(
-                r#"{{"jsonrpc":"2.0","id":7,"method":"tools/list","params":{{"cursor":"{cursor}"}}}}"#
-            );
+            let req = with_cursor(&cursor.to_string());
             let l = small
                 .lookup("tools/list", req.as_bytes(), "2026-07-28", None)
                 .expect("key");

@@ -526,9 +526,12 @@ async fn conformance_cluster() -> (Redis, Vec<Backend>) {
 #[tokio::test]
 async fn official_conformance_suite_passes_on_one_replica_and_through_the_proxy_to_three() {
     let (_redis, b) = conformance_cluster().await;
-    let proxy = Proxy::start(&addrs(&b), "routing: {post: round-robin}\n")
-        .await
-        .expect("proxy");
+    let proxy = Proxy::start(
+        &addrs(&b),
+        "routing: {post: round-robin}\nlist_cache: {enabled: true}\n",
+    )
+    .await
+    .expect("proxy");
     for url in [b[0].mcp(), proxy.mcp()] {
         for args in [
             &["--spec-version", "2025-11-25", "--suite", "all"][..],
