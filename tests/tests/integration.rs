@@ -1562,6 +1562,141 @@ async fn every_config_file_parses_and_bad_keys_are_named() {
     );
 }
 
+/// MCP Inspector's CLI (2.x), as a user runs it: one process per call, each a new session,
+/// through the proxy to three replicas.
+async fn inspector(url: &str, transport: &str, args: &[&str]) -> Value {
+    let home = tests::TempDir::new("inspector-home");
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("inspector")
+            .env("PATH", tools_path())
+            .env("HOME", &home.0)
+            .env("MCP_CATALOG_PATH", home.0.join("mcp.json"))
+            .env("CI", "true")
+            .args(["--cli", url, "--transport", transport])
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("inspector {transport} {args:?} did not finish within 60 s"))
+    .unwrap_or_else(|e| panic!("cannot run the inspector: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "inspector {transport} {args:?}: {}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("inspector {transport} {args:?}: not JSON ({e}): {stdout}"))
+}
+
+#[tokio::test]
+async fn mcp_inspector_cli_uses_tools_resources_and_prompts_through_the_proxy() {
+    let (_redis, b) = cluster(3, false).await;
+    let proxy = Proxy::start(&addrs(&b), "shared_sessions: true\n")
+        .await
+        .expect("proxy");
+    for (transport, url) in [
+        ("http", proxy.mcp()),
+        ("sse", format!("{}/sse", proxy.base())),
+    ] {
+        let run = |args: &'static [&'static str]| inspector(&url, transport, args);
+        let (tools, echo, hello, resources, read, prompts, prompt) = tokio::join!(
+            run(&["--method", "tools/list"]),
+            run(&[
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "echo",
+                "--tool-arg",
+                "message=hi there"
+            ]),
+            run(&[
+                "--method",
+                "tools/call",
+                "--tool-name",
+                "hello",
+                "--tool-arg",
+                "name=inspector"
+            ]),
+            run(&["--method", "resources/list"]),
+            run(&["--method", "resources/read", "--uri", "system://info"]),
+            run(&["--method", "prompts/list"]),
+            run(&[
+                "--method",
+                "prompts/get",
+                "--prompt-name",
+                "summarize-session",
+                "--prompt-args",
+                "style=detailed"
+            ]),
+        );
+        let names: Vec<&str> = tools["tools"]
+            .as_array()
+            .map(|t| t.iter().filter_map(|t| t["name"].as_str()).collect())
+            .unwrap_or_default();
+        for want in [
+            "calculator",
+            "echo",
+            "hello",
+            "counter",
+            "slow_task",
+            "confirm",
+        ] {
+            assert!(
+                names.contains(&want),
+                "{transport}: tools/list lacks {want}: {names:?}"
+            );
+        }
+        assert_eq!(
+            echo["content"][0]["text"], "hi there",
+            "{transport}: {echo}"
+        );
+        assert!(
+            hello["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("Hello, inspector! (from ")),
+            "{transport}: {hello}"
+        );
+        assert!(
+            resources["resources"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r["uri"] == "system://info")),
+            "{transport}: {resources}"
+        );
+        let info: Value = read["contents"][0]["text"]
+            .as_str()
+            .and_then(|t| serde_json::from_str(t).ok())
+            .unwrap_or_default();
+        assert_eq!(info["store"], "redis", "{transport}: {read}");
+        assert!(
+            prompts["prompts"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["name"] == "summarize-session")),
+            "{transport}: {prompts}"
+        );
+        assert!(
+            prompt["messages"][0]["content"]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("detailed paragraph")),
+            "{transport}: {prompt}"
+        );
+    }
+    // The calls were spread over the replicas.
+    let all = proxy.admin("/admin/backends").await.expect("backends");
+    let served = all["pools"][0]["backends"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .filter(|x| x["requests"].as_u64().unwrap_or(0) > 0)
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(served, 3, "every replica served the inspector: {all}");
+}
+
 #[tokio::test]
 async fn typescript_sdk_completes_sessions_through_the_proxy() {
     let (_redis, b) = cluster(3, false).await;
