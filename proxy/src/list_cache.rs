@@ -611,7 +611,7 @@ mod tests {
     fn entries_and_bytes_are_bounded_and_ttl_is_never_exceeded() {
         let c = cache(2, 1 << 20);
         for cursor in ["a", "b", "c"] {
-            let req = with_cursor(&cursor.to_string());
+            let req = with_cursor(cursor);
             let l = c
                 .lookup("tools/list", req.as_bytes(), "2026-07-28", None)
                 .expect("key");
