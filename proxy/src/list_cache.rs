@@ -7,19 +7,26 @@
 //! - **Only what the server marked cacheable.** A result is kept only when it carries an
 //!   integer `ttlMs` > 0 and a `cacheScope` of `"public"` or `"private"` (absent: not cached),
 //!   answers the request's own id, and its `resultType` is absent or `"complete"`.
-//! - **Never beyond `ttlMs`** (nor `list_cache.max_ttl_ms`), counted from when the answer
-//!   arrived; a cached answer says how much of it is left (its `ttlMs` is the remainder), so
+//! - **Never beyond `ttlMs`** (nor `list_cache.max_ttl_ms`), counted from when the request
+//!   was sent; a cached answer says how much of it is left (its `ttlMs` is the remainder), so
 //!   the client's own cache cannot stretch it either.
 //! - **Scopes.** `public` results are shared by every caller of the pool; `private` ones are
 //!   keyed by the caller's principal and scopes, and never cached for an anonymous caller.
 //! - **Keys.** Method, `cursor`, `MCP-Protocol-Version` and the request's declared client
 //!   capabilities (which may change what a server lists). A request with any other parameter
 //!   is not served from the cache.
-//! - **Invalidation.** Every `notifications/*/list_changed` empties the cache: the proxy holds
-//!   its own `subscriptions/listen` stream to one backend of the pool ([`listen`]), and also
-//!   looks at the listen streams of clients passing through, before the client sees the
-//!   notification. Hits are served only while the proxy's own stream is open, so a change is
-//!   never missed because nobody was listening; while it is down every list goes to a backend.
+//! - **Invalidation.** Every `notifications/{tools,prompts,resources}/list_changed` (the
+//!   event's `method`, not text that happens to contain it) empties the cache: the proxy holds
+//!   its own `subscriptions/listen` stream to one available backend of the pool ([`listen`]),
+//!   and also reads the listen streams of clients passing through, before the client sees the
+//!   notification. Hits are served only while the proxy's own stream is open and alive (a
+//!   stream silent for [`LISTEN_IDLE`] is taken for dead and reopened; its backend leaving the
+//!   pool's available set moves it), so a change is never missed because nobody was
+//!   listening; while it is down every list goes to a backend. Several proxies each hold their
+//!   own stream: a client that read a change through one proxy may meet another's copy until
+//!   that proxy's stream delivers it (milliseconds on a shared bus).
+//! - **Credentials.** In a pool without `auth` the backends may check credentials themselves:
+//!   requests carrying `Authorization` or `Cookie` are then never answered from the cache.
 //! - **Bounds.** `max_entries` lists, `max_bytes` of results in all (least recently used out
 //!   first), `max_entry_bytes` per result.
 
@@ -54,6 +61,8 @@ pub struct Lookup {
     /// The cache's generation when the request came: an answer that crossed a
     /// `list_changed` is not stored.
     generation: u64,
+    /// When the request came: the answer's `ttlMs` counts from here.
+    asked: Instant,
 }
 
 struct Entry {
@@ -80,6 +89,17 @@ pub struct ListCache {
     listener: AtomicBool,
 }
 
+/// A silent invalidation stream is taken for dead after this long (mcp-backend sends a
+/// keep-alive every `sse_keep_alive_seconds`, 15 by default).
+pub const LISTEN_IDLE: Duration = Duration::from_secs(45);
+
+/// The notifications that empty the cache.
+const CHANGES: [&str; 3] = [
+    "notifications/tools/list_changed",
+    "notifications/prompts/list_changed",
+    "notifications/resources/list_changed",
+];
+
 /// How a request's parameters look; any other parameter makes it uncacheable.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -91,7 +111,9 @@ struct ListParams {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct ListRequest {
+    jsonrpc: String,
     id: Value,
     method: String,
     #[serde(default)]
@@ -146,7 +168,9 @@ impl ListCache {
             return None;
         }
         let req: ListRequest = serde_json::from_slice(body).ok()?;
-        if req.method != method || !(req.id.is_string() || req.id.is_number()) {
+        // String and integer ids come back exactly as sent (other numbers might not).
+        let plain_id = req.id.is_string() || req.id.is_i64() || req.id.is_u64();
+        if req.jsonrpc != "2.0" || req.method != method || !plain_id {
             return None;
         }
         let id = req.id.to_string();
@@ -183,6 +207,7 @@ impl ListCache {
             }),
             public: format!("p\u{1f}{common}"),
             generation: self.generation.load(Ordering::Acquire),
+            asked: Instant::now(),
         })
     }
 
@@ -264,11 +289,13 @@ impl ListCache {
             return false;
         }
         let size = rest.len();
-        if let Some(old) = inner.entries.put(
+        // `push` hands back what it displaced: the old value of this key, or the least
+        // recently used entry when the cache is full. Either leaves the byte count.
+        if let Some((_, old)) = inner.entries.push(
             key,
             Entry {
                 rest,
-                stored: Instant::now(),
+                stored: l.asked,
                 ttl,
             },
         ) {
@@ -292,10 +319,10 @@ impl ListCache {
         inner.bytes = 0;
     }
 
-    /// Looks at bytes of a notification stream passing through: a list change empties the
-    /// cache before the client reads it.
-    pub fn watch(&self, chunk: &[u8]) {
-        if contains(chunk, b"list_changed") {
+    /// Reads whole SSE events of a notification stream passing through: a list change
+    /// empties the cache before the client reads it.
+    pub fn watch(&self, events: &[u8]) {
+        if changes_in(events) {
             self.invalidate();
         }
     }
@@ -309,9 +336,34 @@ impl ListCache {
     }
 }
 
+/// Whether whole SSE `events` carry a list change (by the message's `method`).
+fn changes_in(events: &[u8]) -> bool {
+    if !contains(events, b"list_changed") {
+        return false; // the common case, without parsing
+    }
+    #[derive(Deserialize)]
+    struct Message {
+        method: Option<String>,
+    }
+    crate::mcp::messages(events).iter().any(|m| {
+        serde_json::from_slice::<Message>(m)
+            .ok()
+            .and_then(|m| m.method)
+            .is_some_and(|m| CHANGES.contains(&m.as_str()))
+    })
+}
+
 /// Headers the cache may answer: no `Mcp-Name` and no `Origin` (both are the backend's to
-/// judge), and an `Accept` naming both JSON and SSE, as 2026-07-28 clients send.
-pub fn plain_request(headers: &http::HeaderMap) -> bool {
+/// judge), an `Accept` naming both JSON and SSE, as 2026-07-28 clients send, and, when the
+/// proxy does not authenticate the pool (`checks_auth` false), no credentials the backend may
+/// check itself.
+pub fn plain_request(headers: &http::HeaderMap, checks_auth: bool) -> bool {
+    if !checks_auth
+        && (headers.contains_key(http::header::AUTHORIZATION)
+            || headers.contains_key(http::header::COOKIE))
+    {
+        return false;
+    }
     let accept = headers
         .get_all(http::header::ACCEPT)
         .iter()
@@ -330,22 +382,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 
 /// The JSON-RPC message answering id `id` in `body` (a JSON body or SSE events).
 fn answer_to(body: &[u8], id: &str) -> Option<Value> {
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let messages: Vec<Vec<u8>> = if first == Some(&b'{') {
-        vec![body.to_vec()]
-    } else {
-        let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
-        text.split("\n\n")
-            .filter_map(|e| crate::mcp::event_data(e.as_bytes()))
-            .collect()
-    };
-    messages.iter().find_map(|m| {
+    crate::mcp::messages(body).iter().find_map(|m| {
         let v: Value = serde_json::from_slice(m).ok()?;
-        let same = v.get("id").map(Value::to_string).as_deref() == Some(id)
-            || v.get("id")
-                .zip(serde_json::from_str::<Value>(id).ok())
-                .is_some_and(|(a, b)| *a == b);
-        same.then_some(v)
+        (v.get("id").map(Value::to_string).as_deref() == Some(id)).then_some(v)
     })
 }
 
@@ -382,7 +421,7 @@ async fn listen(cache: Weak<ListCache>, shared: Arc<crate::state::Shared>, pool:
     .to_string();
     let mut turn = 0usize;
     loop {
-        let Some(url) = ({
+        let Some((url, backend)) = ({
             let Some(c) = cache.upgrade() else { return };
             let snapshot = shared.snapshot();
             let Some(p) = snapshot
@@ -394,8 +433,12 @@ async fn listen(cache: Weak<ListCache>, shared: Arc<crate::state::Shared>, pool:
             };
             let up: Vec<_> = p.backends.iter().filter(|b| b.available()).collect();
             turn = turn.wrapping_add(1);
-            up.get(turn % up.len().max(1))
-                .map(|b| format!("http://{}{}", b.address, p.config.mcp_path))
+            up.get(turn % up.len().max(1)).map(|b| {
+                (
+                    format!("http://{}{}", b.address, p.config.mcp_path),
+                    (*b).clone(),
+                )
+            })
         }) else {
             tokio::time::sleep(RETRY).await;
             continue;
@@ -422,13 +465,31 @@ async fn listen(cache: Weak<ListCache>, shared: Arc<crate::state::Shared>, pool:
                     c.listening.store(true, Ordering::Release);
                 }
                 tracing::info!(pool, url, "list cache: listening for list changes");
+                let mut events = crate::relay::EventCursor::new(None);
+                let mut heard = Instant::now();
                 loop {
                     let chunk = tokio::time::timeout(Duration::from_secs(5), r.chunk()).await;
                     let Some(c) = cache.upgrade() else { return };
                     match chunk {
-                        Ok(Ok(Some(bytes))) => c.watch(&bytes),
+                        Ok(Ok(Some(bytes))) => {
+                            heard = Instant::now();
+                            match events.feed(&bytes) {
+                                Ok(Some(whole)) => c.watch(&whole),
+                                Ok(None) => {}
+                                Err(_) => break, // not an SSE stream we can read
+                            }
+                        }
                         Ok(Ok(None)) | Ok(Err(_)) => break,
-                        Err(_) => {} // quiet stream: just check the cache still exists
+                        Err(_) if heard.elapsed() > LISTEN_IDLE => {
+                            tracing::warn!(
+                                pool,
+                                url,
+                                "list cache: the listen stream went silent; reopening"
+                            );
+                            break;
+                        }
+                        Err(_) if !backend.available() => break, // follow the pool
+                        Err(_) => {}
                     }
                 }
             }
@@ -590,7 +651,12 @@ mod tests {
             .lookup("tools/list", REQ, "2026-07-28", None)
             .expect("key");
         assert!(c.fill(&l, &answer("7", "60000", "public")));
-        c.watch(b"data: {\"method\":\"notifications/tools/list_changed\"}\n\n");
+        c.watch(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/message\",\"params\":{\"data\":\"notifications/tools/list_changed\"}}\n\n");
+        assert!(
+            c.get(&l).is_some(),
+            "text that mentions a change is not one"
+        );
+        c.watch(b"data: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n");
         assert!(c.get(&l).is_none(), "emptied");
         assert!(
             !c.fill(&l, &answer("7", "60000", "public")),
@@ -608,6 +674,29 @@ mod tests {
     }
 
     #[test]
+    fn credentials_the_proxy_did_not_check_keep_a_request_away_from_the_cache() {
+        let mut h = http::HeaderMap::new();
+        h.insert(
+            "accept",
+            "application/json, text/event-stream".parse().expect("h"),
+        );
+        assert!(plain_request(&h, false));
+        for (name, value) in [("authorization", "Bearer x"), ("cookie", "s=1")] {
+            let mut with = h.clone();
+            with.insert(name, value.parse().expect("h"));
+            assert!(!plain_request(&with, false), "{name} without proxy auth");
+            assert!(plain_request(&with, true), "{name}: the proxy checked it");
+        }
+        for (name, value) in [("origin", "https://x.example"), ("mcp-name", "x")] {
+            let mut with = h.clone();
+            with.insert(name, value.parse().expect("h"));
+            assert!(!plain_request(&with, true), "{name}");
+        }
+        h.insert("accept", "application/json".parse().expect("h"));
+        assert!(!plain_request(&h, true), "a client that cannot take SSE");
+    }
+
+    #[test]
     fn entries_and_bytes_are_bounded_and_ttl_is_never_exceeded() {
         let c = cache(2, 1 << 20);
         for cursor in ["a", "b", "c"] {
@@ -618,6 +707,21 @@ mod tests {
             assert!(c.fill(&l, &answer("7", "60000", "public")));
         }
         assert_eq!(c.len(), 2, "max_entries");
+        // Evictions leave the byte count: after many more, the newest list is still served.
+        for cursor in 0..100 {
+            let l = c
+                .lookup(
+                    "tools/list",
+                    with_cursor(&cursor.to_string()).as_bytes(),
+                    "2026-07-28",
+                    None,
+                )
+                .expect("key");
+            assert!(c.fill(&l, &answer("7", "60000", "public")));
+            assert!(c.get(&l).is_some(), "served after {cursor} evictions");
+        }
+        let held: usize = c.inner().entries.iter().map(|(_, e)| e.rest.len()).sum();
+        assert_eq!(c.inner().bytes, held, "the byte count is exact");
         let small = cache(100, 1024);
         for cursor in 0..50 {
             let req = with_cursor(&cursor.to_string());

@@ -252,6 +252,19 @@ pub fn event_data(event: &[u8]) -> Option<Vec<u8>> {
     data
 }
 
+/// The JSON-RPC messages of an answer body: the body itself when it is JSON, else the data of
+/// each SSE event.
+pub fn messages(body: &[u8]) -> Vec<Vec<u8>> {
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'{') {
+        return vec![body.to_vec()];
+    }
+    let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
+    text.split("\n\n")
+        .filter_map(|e| event_data(e.as_bytes()))
+        .collect()
+}
+
 /// The tools of a `tools/list` answer (a JSON body or SSE events) with whether their
 /// annotations say a call may be repeated: `readOnlyHint` or `idempotentHint` true.
 pub fn tool_hints(body: &[u8]) -> Vec<(String, bool)> {
@@ -278,16 +291,7 @@ pub fn tool_hints(body: &[u8]) -> Vec<(String, bool)> {
         #[serde(default)]
         idempotent_hint: Option<bool>,
     }
-    let first = body.iter().find(|b| !b.is_ascii_whitespace());
-    let messages: Vec<Vec<u8>> = if first == Some(&b'{') {
-        vec![body.to_vec()]
-    } else {
-        let text = String::from_utf8_lossy(body).replace("\r\n", "\n");
-        text.split("\n\n")
-            .filter_map(|e| event_data(e.as_bytes()))
-            .collect()
-    };
-    messages
+    messages(body)
         .iter()
         .filter_map(|m| serde_json::from_slice::<Answer>(m).ok()?.result)
         .flat_map(|l| l.tools)

@@ -940,13 +940,14 @@ impl ProxyHttp for McpProxy {
         // Only a request the backend would surely accept is answered from the cache: its
         // method from `Mcp-Method` (checked against the body in `lookup`), no `Mcp-Name`, an
         // `Accept` of both types, no `Origin` (the backend's DNS-rebinding check stays the
-        // backend's), and the `_meta` a 2026-07-28 request must carry (checked in `lookup`).
+        // backend's), no credentials the proxy did not check itself, and the `_meta` a
+        // 2026-07-28 request must carry (checked in `lookup`).
         if let Some(cache) = &pool.list_cache
             && kind == Kind::Post
             && ctx.stateless
             && ctx.session.is_none()
             && ctx.peek.from_headers
-            && crate::list_cache::plain_request(&session.req_header().headers)
+            && crate::list_cache::plain_request(&session.req_header().headers, pool.auth.is_some())
         {
             let method = ctx.peek.method.as_deref().unwrap_or_default();
             ctx.list_watch = method == "subscriptions/listen";
