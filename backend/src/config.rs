@@ -59,6 +59,8 @@ pub const DEFAULT_TASK_LEASE_SECONDS: u64 = 15;
 pub const DEFAULT_TASK_POLL_INTERVAL_MS: u64 = 1000;
 /// Default `tasks.max_per_principal`.
 pub const DEFAULT_MAX_TASKS_PER_PRINCIPAL: u64 = 100;
+/// Default `tasks.max_anonymous`: live tasks of all anonymous callers together.
+pub const DEFAULT_MAX_ANONYMOUS_TASKS: u64 = 1000;
 /// Default `tasks.max_running`, per replica.
 pub const DEFAULT_MAX_RUNNING_TASKS: usize = 256;
 /// Default `tasks.max_result_bytes`.
@@ -276,6 +278,7 @@ pub struct TasksFile {
     pub lease_seconds: Option<u64>,
     pub poll_interval_ms: Option<u64>,
     pub max_per_principal: Option<u64>,
+    pub max_anonymous: Option<u64>,
     pub max_running: Option<usize>,
     pub max_result_bytes: Option<usize>,
 }
@@ -289,8 +292,10 @@ pub struct TasksConfig {
     /// every third of this. Past it, readers see the task `failed`.
     pub lease: Duration,
     pub poll_interval: Duration,
-    /// Live tasks per principal; 0: unlimited. Anonymous tasks are not counted.
+    /// Live tasks per principal; 0: unlimited.
     pub max_per_principal: u64,
+    /// Live tasks of all anonymous callers together (they are one budget); 0: unlimited.
+    pub max_anonymous: u64,
     /// Tasks running at once on this replica.
     pub max_running: usize,
     /// Largest result (or error) a task keeps; a larger one fails the task.
@@ -350,6 +355,7 @@ impl TasksFile {
             max_per_principal: self
                 .max_per_principal
                 .unwrap_or(DEFAULT_MAX_TASKS_PER_PRINCIPAL),
+            max_anonymous: self.max_anonymous.unwrap_or(DEFAULT_MAX_ANONYMOUS_TASKS),
             max_running,
             max_result_bytes,
         })

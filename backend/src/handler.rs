@@ -307,6 +307,18 @@ impl Handler {
             Started::Now(response) => return Ok(Some(response)),
             Started::Task(work) => work,
         };
+        if self.node.is_draining() {
+            // Leaving: no new task here (an optional one runs inline; the balancer is
+            // already moving new requests to other replicas).
+            return match support {
+                Support::Optional => Ok(None),
+                Support::Required => Err(ErrorData::new(
+                    ErrorCode(-32000),
+                    "this replica is shutting down; retry the call (another replica takes it)",
+                    None,
+                )),
+            };
+        }
         let owner = owner_of(cx);
         match self
             .node

@@ -110,6 +110,7 @@ pub async fn run(
     let drain = config.shutdown_drain;
     let grace = config.shutdown_grace;
     let node = node(config, stop.clone()).map_err(std::io::Error::other)?;
+    let tasks = node.tasks.clone();
     let app = http::app(node.clone());
     let serve_stop = stop.clone();
     let leaving = Arc::new(tokio::sync::Notify::new());
@@ -147,5 +148,7 @@ pub async fn run(
         () = out_of_time => tracing::warn!("requests still in flight after the grace period; exiting"),
     }
     stop.cancel();
+    // Tasks still running here are marked failed now, not when their lease runs out.
+    tasks.stopped(std::time::Duration::from_secs(2)).await;
     Ok(())
 }

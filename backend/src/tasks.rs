@@ -61,6 +61,11 @@ pub const MAX_STATUS_MESSAGE: usize = 1024;
 pub const MAX_ANSWERS_PER_UPDATE: usize = 64;
 /// Longest input key accepted in `tasks/update`.
 const MAX_INPUT_KEY_LEN: usize = 256;
+/// How long work may go on after a cancel before it is stopped and the task settled
+/// `cancelled` (cancellation is cooperative, but never unbounded).
+pub const CANCEL_GRACE: Duration = Duration::from_secs(5);
+/// Lease renewals in flight at once.
+const RENEWALS_AT_ONCE: usize = 32;
 
 /// Whether a tool can run as a task.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +116,8 @@ struct Local {
     msg: Mutex<(Option<String>, Instant)>,
     /// Aborts the work when the task is no longer ours (fenced, expired, shutting down).
     abort: Mutex<Option<tokio::task::AbortHandle>>,
+    /// Answers taken from the record that no `request_input` of this task waits for yet.
+    answers: Mutex<HashMap<String, Value>>,
 }
 
 /// The tasks of one replica, and its view of everybody's.
@@ -120,6 +127,10 @@ pub struct Tasks {
     /// `<node id>/<random>`: a restarted replica is another runner.
     runner: String,
     local: Mutex<HashMap<String, Arc<Local>>>,
+    /// Tasks running or being created here (checked against `tasks.max_running`).
+    running: std::sync::atomic::AtomicUsize,
+    /// The renewal loop, awaited at shutdown (it fails the tasks still running).
+    renewer: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// What a task's work uses to talk to its task.
@@ -225,6 +236,8 @@ impl Tasks {
             config,
             runner: format!("{node_id}/{}", &random[..12]),
             local: Mutex::new(HashMap::new()),
+            running: std::sync::atomic::AtomicUsize::new(0),
+            renewer: Mutex::new(None),
         })
     }
 
@@ -234,7 +247,7 @@ impl Tasks {
 
     /// Tasks running on this replica.
     pub fn running(&self) -> usize {
-        self.locals().len()
+        self.running.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn lease_ms(&self) -> u64 {
@@ -250,7 +263,7 @@ impl Tasks {
     pub fn start(self: &Arc<Self>, bus: Arc<Bus>, stop: CancellationToken) {
         let me = self.clone();
         let renew_stop = stop.clone();
-        tokio::spawn(async move {
+        let renewer = tokio::spawn(async move {
             let mut every = tokio::time::interval(me.tick());
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -261,6 +274,7 @@ impl Tasks {
             }
             me.leave().await;
         });
+        *self.renewer.lock().unwrap_or_else(|p| p.into_inner()) = Some(renewer);
         let me = self.clone();
         tokio::spawn(async move {
             let mut sub = bus.subscribe(TOPIC);
@@ -305,20 +319,25 @@ impl Tasks {
         }
     }
 
+    /// Renews every local task's lease, [`RENEWALS_AT_ONCE`] at a time (one slow round trip
+    /// must not make the others late).
     async fn renew_all(&self) {
+        use futures::StreamExt as _;
         let running: Vec<(String, Arc<Local>)> = self
             .locals()
             .iter()
             .map(|(id, l)| (id.clone(), l.clone()))
             .collect();
-        for (id, local) in running {
-            let msg = {
-                let mut m = local.msg.lock().unwrap_or_else(|p| p.into_inner());
-                m.1 = Instant::now();
-                m.0.take()
-            };
-            self.renew(&id, &local, msg.as_deref()).await;
-        }
+        futures::stream::iter(running)
+            .for_each_concurrent(RENEWALS_AT_ONCE, |(id, local)| async move {
+                let msg = {
+                    let mut m = local.msg.lock().unwrap_or_else(|p| p.into_inner());
+                    m.1 = Instant::now();
+                    m.0.take()
+                };
+                self.renew(&id, &local, msg.as_deref()).await;
+            })
+            .await;
     }
 
     async fn renew(&self, id: &str, local: &Local, msg: Option<&str>) {
@@ -327,7 +346,7 @@ impl Tasks {
             runner: &self.runner,
             now,
             act: RunnerAct::Renew {
-                until: now + self.lease_ms(),
+                lease_ms: self.lease_ms(),
                 msg,
             },
         };
@@ -349,7 +368,14 @@ impl Tasks {
                 );
                 self.fence(local);
             }
-            Err(e) => tracing::warn!(task = id, error = %e, "cannot renew a task's lease"),
+            Err(e) => {
+                tracing::warn!(task = id, error = %e, "cannot renew a task's lease");
+                if let Some(m) = msg {
+                    // Not lost: the next renewal carries it, unless a newer one came.
+                    let mut pending = local.msg.lock().unwrap_or_else(|p| p.into_inner());
+                    pending.0.get_or_insert_with(|| m.to_owned());
+                }
+            }
         }
     }
 
@@ -363,20 +389,24 @@ impl Tasks {
     /// lease's end.
     async fn leave(&self) {
         let running: Vec<(String, Arc<Local>)> = self.locals().drain().collect();
-        for (id, local) in running {
-            self.fence(&local);
-            let error =
-                json!({"code": -32603, "message": "the replica running this task shut down"})
-                    .to_string();
-            let _ = self
-                .finish(
-                    &id,
-                    "failed",
-                    "error",
-                    &error,
-                    "the replica running this task shut down",
-                )
-                .await;
+        let message = "the replica running this task shut down";
+        let error = json!({"code": -32603, "message": message}).to_string();
+        futures::future::join_all(running.iter().map(|(id, local)| {
+            self.fence(local);
+            self.finish(id, "failed", "error", &error, message)
+        }))
+        .await;
+    }
+
+    /// Waits (at most `within`) for the tasks running here to be marked failed after `stop`.
+    pub async fn stopped(&self, within: Duration) {
+        let renewer = self
+            .renewer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(r) = renewer {
+            let _ = tokio::time::timeout(within, r).await;
         }
     }
 
@@ -388,17 +418,41 @@ impl Tasks {
         tool: &str,
         work: impl FnOnce(TaskCtx) -> Work,
     ) -> Result<Option<CreateTaskResult>, ErrorData> {
-        if self.running() >= self.config.max_running {
+        // A place among `tasks.max_running`, taken before any await (concurrent creates
+        // cannot overshoot) and given back when the task ends or is not created.
+        let taken = self
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        if taken >= self.config.max_running {
+            self.running
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
             tracing::warn!(
                 max_running = self.config.max_running,
                 "tasks.max_running reached on this replica"
             );
             return Ok(None);
         }
+        let created = self.start_task(owner, tool, work).await;
+        if !matches!(created, Ok(Some(_))) {
+            self.running
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        created
+    }
+
+    async fn start_task(
+        self: &Arc<Self>,
+        owner: Option<&str>,
+        tool: &str,
+        work: impl FnOnce(TaskCtx) -> Work,
+    ) -> Result<Option<CreateTaskResult>, ErrorData> {
         let id = uuid::Uuid::new_v4().simple().to_string();
         let now = now_ms();
         let ttl = self.config.ttl.as_millis() as u64;
-        let limit = self.config.max_per_principal;
+        let limit = match owner {
+            Some(_) => self.config.max_per_principal,
+            None => self.config.max_anonymous,
+        };
         match self
             .store
             .admit_task(owner, &id, now + ttl, limit)
@@ -410,7 +464,17 @@ impl Tasks {
                 return Err(ErrorData::new(
                     ErrorCode(-32000),
                     format!(
-                        "too many live tasks for this principal (tasks.max_per_principal: {limit}); the oldest expires in {} s",
+                        "too many live tasks for {} ({}: {limit}); the oldest expires in {} s",
+                        if owner.is_some() {
+                            "this principal"
+                        } else {
+                            "anonymous callers"
+                        },
+                        if owner.is_some() {
+                            "tasks.max_per_principal"
+                        } else {
+                            "tasks.max_anonymous"
+                        },
                         retry_after.as_secs().max(1)
                     ),
                     Some(json!({"retryAfterSeconds": retry_after.as_secs().max(1)})),
@@ -427,7 +491,6 @@ impl Tasks {
             ("poll", poll.to_string()),
             ("status", "working".to_owned()),
             ("runner", self.runner.clone()),
-            ("lease", (now + self.lease_ms()).to_string()),
             ("nin", "0".to_owned()),
             ("nre", "0".to_owned()),
         ];
@@ -436,7 +499,9 @@ impl Tasks {
                 &id,
                 TaskOp::Create {
                     fields: &fields,
+                    now,
                     ttl_ms: ttl,
+                    lease_ms: self.lease_ms(),
                 },
             )
             .await
@@ -446,21 +511,46 @@ impl Tasks {
             cancel: CancellationToken::new(),
             msg: Mutex::new((None, Instant::now())),
             abort: Mutex::new(None),
+            answers: Mutex::new(HashMap::new()),
         });
-        self.locals().insert(id.clone(), local.clone());
         let ctx = TaskCtx {
             id: id.clone(),
             tasks: self.clone(),
             local: local.clone(),
         };
-        let handle = tokio::spawn(work(ctx));
+        let mut handle = tokio::spawn(work(ctx));
         *local.abort.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle.abort_handle());
+        self.locals().insert(id.clone(), local.clone());
         let me = self.clone();
         let task_id = id.clone();
         tokio::spawn(async move {
-            let outcome = handle.await;
-            me.settle(&task_id, outcome).await;
+            // Work that ignores a cancel is stopped CANCEL_GRACE after it.
+            let overdue = async {
+                local.cancel.cancelled().await;
+                tokio::time::sleep(CANCEL_GRACE).await;
+            };
+            let outcome = tokio::select! {
+                o = &mut handle => Some(o),
+                () = overdue => None,
+            };
+            match outcome {
+                Some(o) => me.settle(&task_id, o).await,
+                None => {
+                    handle.abort();
+                    tracing::warn!(task = %task_id, "task work did not stop after a cancel; stopped");
+                    let _ = me
+                        .finish(
+                            &task_id,
+                            "cancelled",
+                            "",
+                            "",
+                            "cancelled (the work was stopped)",
+                        )
+                        .await;
+                }
+            }
             me.locals().remove(&task_id);
+            me.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
         let created = rfc3339(now);
         Ok(Some(CreateTaskResult::new(
@@ -494,8 +584,13 @@ impl Tasks {
                 }
             }
             Ok(Err(TaskExit::Cancelled)) => self.finish(id, "cancelled", "", "", "").await,
-            Ok(Err(TaskExit::Error(e))) => {
+            Ok(Err(TaskExit::Error(mut e))) => {
                 let message = truncate(e.message.to_string(), MAX_STATUS_MESSAGE);
+                if error_of(&e).len() > self.config.max_result_bytes {
+                    // Keep the code and a bounded message; drop the oversized data.
+                    e.data = None;
+                    e.message = message.clone().into();
+                }
                 self.finish(id, "failed", "error", &error_of(&e), &message)
                     .await
             }
@@ -712,9 +807,14 @@ impl TaskCtx {
                 if cancel {
                     return Err(TaskExit::Cancelled);
                 }
+                // Answers for another wait of this task are kept for it, not dropped.
+                let mut kept = self.local.answers.lock().unwrap_or_else(|p| p.into_inner());
                 for (k, v) in answers {
-                    if requests.contains_key(&k) {
-                        got.insert(k, serde_json::from_str(&v).unwrap_or(Value::Null));
+                    kept.insert(k, serde_json::from_str(&v).unwrap_or(Value::Null));
+                }
+                for k in requests.keys() {
+                    if let Some(v) = kept.remove(k) {
+                        got.insert(k.clone(), v);
                     }
                 }
             }

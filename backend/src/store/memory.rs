@@ -426,7 +426,7 @@ impl Engine for MemoryEngine {
             .filter(|(tid, t)| {
                 t.expires > now
                     && tid.as_str() != id
-                    && t.fields.get("owner").is_some_and(|o| o == owner)
+                    && t.fields.get("owner").map_or("", String::as_str) == owner
             })
             .map(|(_, t)| t.expires)
             .collect();

@@ -7,7 +7,7 @@
 //! | `<p>sessions` | sorted set | session ids scored by their last index refresh, for `/sessions` and `activeSessions`; pruned as it goes; expires when no session refreshes it |
 //! | `<p>owner:{<hash>}` | sorted set | one principal's sessions scored by expiry (ms), for `max_sessions_per_principal`; same refresh and TTL rules |
 //! | `<p>{<task id>}:t` | hash | a task record (see [`super::task`]); expires `tasks.ttl_seconds` after its creation, never slid |
-//! | `<p>tasks:{<hash>}` | sorted set | one principal's task ids scored by expiry (ms), for `tasks.max_per_principal`; expires with its newest task |
+//! | `<p>tasks:{<hash>}` | sorted set | one principal's task ids scored by expiry (ms), for `tasks.max_per_principal` (`tasks:{anonymous}`: all anonymous callers', for `tasks.max_anonymous`); expires with its newest task |
 //! | `<p>bus:<topic>` | pub/sub | live messages between replicas (see [`crate::bus`]) |
 //!
 //! A session's two keys share the hash tag `{<id>}`, so every script touches one Cluster
@@ -725,6 +725,8 @@ impl Engine for RedisEngine {
         let mut c = self.conn()?;
         let now = now_ms();
         let mut inv = self.scripts.owner.prepare_invoke();
+        // Owners are hex hashes; the anonymous callers share one set.
+        let owner = if owner.is_empty() { "anonymous" } else { owner };
         inv.key(format!("{}tasks:{{{owner}}}", self.settings.prefix))
             .arg(now)
             .arg(limit)

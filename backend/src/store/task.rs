@@ -21,6 +21,11 @@
 //! `status` (`working`, `completed`, `failed`, `cancelled`; `input_required` is `working` with
 //! `nin` > 0), `msg`, `runner`, `lease` (ms deadline), `cancel`, `nin`/`in:<key>` (pending
 //! input requests), `nre`/`re:<key>` (answers not yet taken), `result` or `error` (JSON).
+//!
+//! Leases are set and compared on one clock, the store's (Redis `TIME`; the memory engine is
+//! one process), so clock skew between replicas neither fails healthy tasks nor delays the
+//! report of a dead one. Only the displayed times (`created`, `updated`) come from the
+//! replica.
 
 use std::collections::HashMap;
 
@@ -57,8 +62,9 @@ pub enum RunnerAct<'a> {
     },
     /// Takes (and removes) the answers given so far.
     Take,
-    /// Moves the lease to `until` (ms) and, with `msg`, sets the status message.
-    Renew { until: u64, msg: Option<&'a str> },
+    /// Moves the lease to `lease_ms` from now (the store's clock) and, with `msg`, sets the
+    /// status message.
+    Renew { lease_ms: u64, msg: Option<&'a str> },
     /// Ends the task: `status` with `field` (`result`, `error` or '') set to `payload`.
     Finish {
         status: &'a str,
@@ -71,10 +77,12 @@ pub enum RunnerAct<'a> {
 /// One atomic operation on a task record.
 #[derive(Debug, Clone, Copy)]
 pub enum TaskOp<'a> {
-    /// Writes a new record, alive `ttl_ms`.
+    /// Writes a new record, alive `ttl_ms`, its lease `lease_ms` from now (the store's clock).
     Create {
         fields: &'a [(&'a str, String)],
+        now: u64,
         ttl_ms: u64,
+        lease_ms: u64,
     },
     Client {
         owner: &'a str,
@@ -113,17 +121,23 @@ pub enum TaskReply {
     },
 }
 
-/// [`TaskOp`] on Redis. KEYS: the record. ARGV: op, now ms, then per op: `create` ttl ms and
-/// field, value pairs; `read`/`update`/`cancel` owner, lost error, lost message and (update)
-/// key, answer pairs; `ask` runner, max, key, request pairs; `take` runner; `renew` runner,
-/// lease deadline, '1' with a message, message; `finish` runner, status, field, payload,
-/// message. Returns {0} gone, {2} foreign, {3} fenced, {4} full, {1, ...} done.
+/// [`TaskOp`] on Redis. KEYS: the record. ARGV: op, now ms (the replica's, for display),
+/// then per op: `create` ttl ms, lease ms and field, value pairs; `read`/`update`/`cancel`
+/// owner, lost error, lost message and (update) key, answer pairs; `ask` runner, max, key,
+/// request pairs; `take` runner; `renew` runner, lease ms, '1' with a message, message;
+/// `finish` runner, status, field, payload, message. Leases use the server's `TIME`. Returns
+/// {0} gone, {2} foreign, {3} fenced, {4} full, {1, ...} done.
 pub const TASK_LUA: &str = r"
 local k = KEYS[1]
 local op = ARGV[1]
 local now = ARGV[2]
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
 if op == 'create' then
-  redis.call('HSET', k, unpack(ARGV, 4))
+  redis.call('HSET', k, unpack(ARGV, 5))
+  redis.call('HSET', k, 'lease', clock() + tonumber(ARGV[4]))
   redis.call('PEXPIRE', k, ARGV[3])
   return {1, 1}
 end
@@ -138,7 +152,7 @@ local function clear()
 end
 if op == 'read' or op == 'update' or op == 'cancel' then
   if (redis.call('HGET', k, 'owner') or '') ~= ARGV[3] then return {2} end
-  if status == 'working' and tonumber(redis.call('HGET', k, 'lease') or '0') < tonumber(now) then
+  if status == 'working' and tonumber(redis.call('HGET', k, 'lease') or '0') <= clock() then
     clear()
     redis.call('HSET', k, 'status', 'failed', 'error', ARGV[4], 'msg', ARGV[5], 'updated', now)
     redis.call('HDEL', k, 'lease')
@@ -170,7 +184,10 @@ local cancel = 0
 if redis.call('HGET', k, 'cancel') == '1' then cancel = 1 end
 if op == 'ask' then
   if cancel == 1 then return {1, 1, 0} end
-  local n = math.floor((#ARGV - 4) / 2)
+  local n = 0
+  for i = 5, #ARGV, 2 do
+    if redis.call('HEXISTS', k, 'in:' .. ARGV[i]) == 0 then n = n + 1 end
+  end
   if tonumber(redis.call('HGET', k, 'nin') or '0') + n > tonumber(ARGV[4]) then return {4} end
   for i = 5, #ARGV, 2 do redis.call('HSET', k, 'in:' .. ARGV[i], ARGV[i + 1]) end
   redis.call('HINCRBY', k, 'nin', n)
@@ -188,7 +205,7 @@ elseif op == 'take' then
   redis.call('HSET', k, 'nre', '0')
   return {1, cancel, 0, out}
 elseif op == 'renew' then
-  redis.call('HSET', k, 'lease', ARGV[4])
+  redis.call('HSET', k, 'lease', clock() + tonumber(ARGV[4]))
   if ARGV[5] == '1' then redis.call('HSET', k, 'msg', ARGV[6], 'updated', now) end
   return {1, cancel, tonumber(redis.call('HGET', k, 'nre') or '0')}
 elseif op == 'finish' then
@@ -205,8 +222,18 @@ return redis.error_reply('unknown task op ' .. op)";
 pub fn lua_args(op: &TaskOp<'_>) -> Vec<String> {
     let mut a = Vec::new();
     match *op {
-        TaskOp::Create { fields, ttl_ms } => {
-            a.extend(["create".into(), "0".into(), ttl_ms.to_string()]);
+        TaskOp::Create {
+            fields,
+            now,
+            ttl_ms,
+            lease_ms,
+        } => {
+            a.extend([
+                "create".into(),
+                now.to_string(),
+                ttl_ms.to_string(),
+                lease_ms.to_string(),
+            ]);
             for (f, v) in fields {
                 a.extend([(*f).to_owned(), v.clone()]);
             }
@@ -240,11 +267,11 @@ pub fn lua_args(op: &TaskOp<'_>) -> Vec<String> {
                     }
                 }
                 RunnerAct::Take => a.extend(["take".into(), now, runner.into()]),
-                RunnerAct::Renew { until, msg } => a.extend([
+                RunnerAct::Renew { lease_ms, msg } => a.extend([
                     "renew".into(),
                     now,
                     runner.into(),
-                    until.to_string(),
+                    lease_ms.to_string(),
                     if msg.is_some() { "1" } else { "" }.into(),
                     msg.unwrap_or_default().into(),
                 ]),
@@ -291,8 +318,15 @@ pub fn apply(
     op: &TaskOp<'_>,
     fresh: &mut HashMap<String, String>,
 ) -> TaskReply {
-    if let TaskOp::Create { fields, .. } = op {
+    if let TaskOp::Create {
+        fields,
+        now,
+        lease_ms,
+        ..
+    } = op
+    {
         fresh.extend(fields.iter().map(|(f, v)| ((*f).to_owned(), v.clone())));
+        fresh.insert("lease".into(), (now + lease_ms).to_string());
         return TaskReply::Applied(1);
     }
     let Some(r) = record else {
@@ -306,7 +340,7 @@ pub fn apply(
                 return TaskReply::Foreign;
             }
             let mut working = working;
-            if working && number(r, "lease") < now as i64 {
+            if working && number(r, "lease") <= now as i64 {
                 clear_inputs(r);
                 r.insert("status".into(), "failed".into());
                 r.insert("error".into(), lost_error());
@@ -356,13 +390,17 @@ pub fn apply(
                     if cancel {
                         return done(true, 0);
                     }
-                    if number(r, "nin") + requests.len() as i64 > max as i64 {
+                    let new = requests
+                        .iter()
+                        .filter(|(k, _)| !r.contains_key(&format!("in:{k}")))
+                        .count() as i64;
+                    if number(r, "nin") + new > max as i64 {
                         return TaskReply::Full;
                     }
                     for (k, v) in requests {
                         r.insert(format!("in:{k}"), v.clone());
                     }
-                    add(r, "nin", requests.len() as i64);
+                    add(r, "nin", new);
                     r.insert("updated".into(), now.to_string());
                     done(false, 0)
                 }
@@ -382,8 +420,8 @@ pub fn apply(
                         answers,
                     }
                 }
-                RunnerAct::Renew { until, msg } => {
-                    r.insert("lease".into(), until.to_string());
+                RunnerAct::Renew { lease_ms, msg } => {
+                    r.insert("lease".into(), (now + lease_ms).to_string());
                     if let Some(m) = msg {
                         r.insert("msg".into(), m.into());
                         r.insert("updated".into(), now.to_string());
@@ -419,8 +457,8 @@ impl Store {
         self.engine.task(id, op).await
     }
 
-    /// Whether principal `owner` may hold one more live task (`None`: anonymous, not
-    /// counted; `limit` 0: none); on admission `id` is counted until `expires` (ms).
+    /// Whether principal `owner` (`None`: the anonymous callers, together) may hold one more
+    /// live task within `limit` (0: none); on admission `id` is counted until `expires` (ms).
     pub async fn admit_task(
         &self,
         owner: Option<&str>,
@@ -428,9 +466,11 @@ impl Store {
         expires: u64,
         limit: u64,
     ) -> StoreResult<Admission> {
-        match owner.filter(|_| limit > 0) {
-            Some(owner) => self.engine.admit_task(owner, id, expires, limit).await,
-            None => Ok(Admission::Admitted),
+        if limit == 0 {
+            return Ok(Admission::Admitted);
         }
+        self.engine
+            .admit_task(owner.unwrap_or_default(), id, expires, limit)
+            .await
     }
 }

@@ -443,12 +443,20 @@ async fn expired_sessions_leave_nothing_behind() {
     }
 }
 
-fn task_fields(owner: &str, lease: u64) -> Vec<(&'static str, String)> {
+fn create_op<'a>(fields: &'a [(&'a str, String)], ttl_ms: u64, lease_ms: u64) -> task::TaskOp<'a> {
+    task::TaskOp::Create {
+        fields,
+        now: now_ms(),
+        ttl_ms,
+        lease_ms,
+    }
+}
+
+fn task_fields(owner: &str) -> Vec<(&'static str, String)> {
     vec![
         ("owner", owner.to_owned()),
         ("status", "working".into()),
         ("runner", "r1".into()),
-        ("lease", lease.to_string()),
         ("created", "1".into()),
         ("nin", "0".into()),
         ("nre", "0".into()),
@@ -486,19 +494,11 @@ fn record(reply: task::TaskReply) -> HashMap<String, String> {
 
 #[tokio::test]
 async fn task_records_follow_one_table_on_both_engines() {
-    use task::{ClientAct as C, RunnerAct as R, TaskOp, TaskReply};
+    use task::{ClientAct as C, RunnerAct as R, TaskReply};
     for (name, s, _redis) in stores(Duration::from_secs(30)).await {
         let id = "0123456789abcdef0123456789abcdef";
-        let fields = task_fields("alice", now_ms() + 60_000);
-        let created = task_op(
-            &s,
-            id,
-            TaskOp::Create {
-                fields: &fields,
-                ttl_ms: 60_000,
-            },
-        )
-        .await;
+        let fields = task_fields("alice");
+        let created = task_op(&s, id, create_op(&fields, 60_000, 60_000)).await;
         assert_eq!(created, TaskReply::Applied(1), "{name}");
         assert_eq!(
             record(task_op(&s, id, client("alice", C::Read)).await)["status"],
@@ -565,6 +565,20 @@ async fn task_records_follow_one_table_on_both_engines() {
             TaskReply::Fenced,
             "{name}: another runner is fenced"
         );
+        let again = [("a".to_owned(), "{\"q\":1}".to_owned())];
+        let ask_again = R::Ask {
+            max: 3,
+            requests: &again,
+        };
+        assert!(
+            matches!(
+                task_op(&s, id, runner("r1", ask_again)).await,
+                TaskReply::Runner { cancel: false, .. }
+            ),
+            "{name}"
+        );
+        let r = record(task_op(&s, id, client("alice", C::Read)).await);
+        assert_eq!(r["nin"], "2", "{name}: a key asked again is counted once");
         let answer = [
             ("a".to_owned(), "{\"x\":1}".to_owned()),
             ("zz".to_owned(), "{}".to_owned()),
@@ -586,7 +600,7 @@ async fn task_records_follow_one_table_on_both_engines() {
         );
         assert_eq!(r["nin"], "1", "{name}");
         let renew = R::Renew {
-            until: now_ms() + 60_000,
+            lease_ms: 60_000,
             msg: Some("half way"),
         };
         assert_eq!(
@@ -664,25 +678,17 @@ async fn task_records_follow_one_table_on_both_engines() {
 
 #[tokio::test]
 async fn a_task_whose_lease_ran_out_reads_failed_and_fences_its_runner() {
-    use task::{ClientAct as C, RunnerAct as R, TaskOp, TaskReply};
+    use task::{ClientAct as C, RunnerAct as R, TaskReply};
     for (name, s, _redis) in stores(Duration::from_secs(30)).await {
         let id = "00000000000000000000000000000001";
-        let fields = task_fields("", now_ms().saturating_sub(1));
-        task_op(
-            &s,
-            id,
-            TaskOp::Create {
-                fields: &fields,
-                ttl_ms: 60_000,
-            },
-        )
-        .await;
+        let fields = task_fields("");
+        task_op(&s, id, create_op(&fields, 60_000, 0)).await;
         let r = record(task_op(&s, id, client("", C::Read)).await);
         assert_eq!(r["status"], "failed", "{name}");
         assert_eq!(r["msg"], task::LOST_MESSAGE, "{name}");
         assert!(r["error"].contains("-32603"), "{name}: {r:?}");
         let renew = R::Renew {
-            until: now_ms() + 60_000,
+            lease_ms: 60_000,
             msg: None,
         };
         assert_eq!(
@@ -695,7 +701,7 @@ async fn a_task_whose_lease_ran_out_reads_failed_and_fences_its_runner() {
 
 #[tokio::test]
 async fn expired_tasks_and_their_owner_sets_leave_nothing_behind() {
-    use task::{ClientAct as C, TaskOp, TaskReply};
+    use task::{ClientAct as C, TaskReply};
     for (name, s, redis) in stores(Duration::from_secs(30)).await {
         let baseline = match &redis {
             Some(r) => dbsize(r).await,
@@ -711,16 +717,8 @@ async fn expired_tasks_and_their_owner_sets_leave_nothing_behind() {
         {
             let admitted = s.admit_task(Some("alice"), id, expires, 2).await.ok();
             assert_eq!(admitted, Some(Admission::Admitted), "{name}: task {i}");
-            let fields = task_fields("alice", now_ms() + 60_000);
-            task_op(
-                &s,
-                id,
-                TaskOp::Create {
-                    fields: &fields,
-                    ttl_ms: 600,
-                },
-            )
-            .await;
+            let fields = task_fields("alice");
+            task_op(&s, id, create_op(&fields, 600, 60_000)).await;
         }
         let third = s
             .admit_task(

@@ -13,7 +13,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// Backends named `names` on one Redis, with `yaml` as their config file when given (the
 /// directory holding it is returned too, to outlive them).
-async fn backends_on(
+pub(crate) async fn backends_on(
     redis: &Redis,
     names: &[&str],
     extra: &[&str],

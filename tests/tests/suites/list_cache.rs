@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
-use tests::{Backend, Proxy, Redis, TempDir};
+use tests::{Backend, Proxy, Redis};
 
 /// A stateless 2026-07-28 request through the proxy; returns `X-MCP-Cache` ("" without one)
 /// and the JSON-RPC message.
@@ -70,25 +70,6 @@ async fn served(backends: &[Backend], method: &str) -> u64 {
     n as u64
 }
 
-async fn backends(redis: &Redis, yaml: &str) -> (Vec<Backend>, TempDir) {
-    let dir = TempDir::new("cache-conf");
-    let conf = dir.0.join("backend.yaml");
-    std::fs::write(&conf, yaml).expect("write config");
-    let mut b = Vec::new();
-    for name in ["a", "b", "c"] {
-        b.push(
-            Backend::start(
-                name,
-                Some(&redis.url()),
-                &["-c", conf.to_str().unwrap_or_default()],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("backend {name}: {e:#}")),
-        );
-    }
-    (b, dir)
-}
-
 /// Lists `method` until the cache answers (its invalidation stream is up), within 10 s.
 async fn until_hit(http: &reqwest::Client, url: &str, bearer: Option<&str>, method: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -107,7 +88,13 @@ async fn until_hit(http: &reqwest::Client, url: &str, bearer: Option<&str>, meth
 async fn repeated_lists_reach_the_backends_once_per_ttl_and_a_list_change_empties_the_cache() {
     let redis = Redis::start(false).await.expect("redis");
     let ttl = Duration::from_millis(2000);
-    let (b, _dir) = backends(&redis, "conformance: true\nlist_ttl_ms: 2000\n").await;
+    let (b, _dir) = super::continuity::backends_on(
+        &redis,
+        &["a", "b", "c"],
+        &[],
+        Some("conformance: true\nlist_ttl_ms: 2000\n"),
+    )
+    .await;
     let addrs: Vec<String> = b.iter().map(Backend::address).collect();
     let proxy = Proxy::start(&addrs, "list_cache: {enabled: true}\n")
         .await
@@ -195,7 +182,9 @@ async fn repeated_lists_reach_the_backends_once_per_ttl_and_a_list_change_emptie
 #[tokio::test]
 async fn private_lists_never_cross_principals_and_public_ones_are_shared() {
     let redis = Redis::start(false).await.expect("redis");
-    let (b, _dir) = backends(&redis, "list_ttl_ms: 60000\n").await;
+    let (b, _dir) =
+        super::continuity::backends_on(&redis, &["a", "b", "c"], &[], Some("list_ttl_ms: 60000\n"))
+            .await;
     let addrs: Vec<String> = b.iter().map(Backend::address).collect();
     let (alice, bob) = ("alice-key-0123456789abcdef", "bob-key-0123456789abcdef0");
     let sha = |k: &str| {

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use tests::{Backend, Redis, TempDir};
+use tests::{Backend, Redis};
 
 /// A stateless 2026-07-28 request of a client that declares the tasks extension, sent to
 /// `url` by `http`, with the routing headers the spec asks for; returns the JSON-RPC message.
@@ -107,30 +107,10 @@ fn status_is(status: &'static str) -> impl Fn(&Value) -> bool {
     move |r: &Value| r["status"] == status
 }
 
-/// Three replicas on one Redis, with `yaml` as their config.
-async fn replicas(redis: &Redis, yaml: &str) -> (Vec<Backend>, TempDir) {
-    let dir = TempDir::new("tasks-conf");
-    let conf = dir.0.join("backend.yaml");
-    std::fs::write(&conf, yaml).expect("write config");
-    let mut b = Vec::new();
-    for name in ["a", "b", "c"] {
-        b.push(
-            Backend::start(
-                name,
-                Some(&redis.url()),
-                &["-c", conf.to_str().unwrap_or_default()],
-            )
-            .await
-            .unwrap_or_else(|e| panic!("backend {name}: {e:#}")),
-        );
-    }
-    (b, dir)
-}
-
 #[tokio::test]
 async fn a_task_created_on_one_replica_is_polled_on_the_others_and_cancelled_on_a_third() {
     let redis = Redis::start(false).await.expect("redis");
-    let (b, _dir) = replicas(&redis, "").await;
+    let (b, _dir) = super::continuity::backends_on(&redis, &["a", "b", "c"], &[], None).await;
     let http = reqwest::Client::new();
     let (a, bb, c) = (b[0].mcp(), b[1].mcp(), b[2].mcp());
 
@@ -197,7 +177,7 @@ async fn a_task_created_on_one_replica_is_polled_on_the_others_and_cancelled_on_
 #[tokio::test]
 async fn an_input_required_task_is_answered_through_another_replica() {
     let redis = Redis::start(false).await.expect("redis");
-    let (b, _dir) = replicas(&redis, "").await;
+    let (b, _dir) = super::continuity::backends_on(&redis, &["a", "b", "c"], &[], None).await;
     let http = reqwest::Client::new();
     let id = start_task(
         &http,
@@ -253,7 +233,13 @@ async fn an_input_required_task_is_answered_through_another_replica() {
 async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
     let redis = Redis::start(false).await.expect("redis");
     let lease = Duration::from_secs(3);
-    let (mut b, _dir) = replicas(&redis, "tasks: {lease_seconds: 3}\n").await;
+    let (mut b, _dir) = super::continuity::backends_on(
+        &redis,
+        &["a", "b", "c"],
+        &[],
+        Some("tasks: {lease_seconds: 3}\n"),
+    )
+    .await;
     let http = reqwest::Client::new();
     let id = start_task(
         &http,
@@ -338,4 +324,41 @@ async fn clients_without_the_extension_get_inline_results_and_no_task_surface() 
         "{m}"
     );
     assert!(m["result"].get("taskId").is_none(), "{m}");
+}
+
+/// A replica leaving on SIGTERM (a rolling restart) fails the tasks it runs as it goes, so
+/// pollers learn at once instead of after the lease (15 s here).
+#[tokio::test]
+async fn a_replica_leaving_on_sigterm_fails_its_tasks_at_once() {
+    let redis = Redis::start(false).await.expect("redis");
+    let (mut b, _dir) = super::continuity::backends_on(
+        &redis,
+        &["a", "b", "c"],
+        &[],
+        Some("shutdown_drain_seconds: 0\nshutdown_grace_seconds: 1\n"),
+    )
+    .await;
+    let http = reqwest::Client::new();
+    let id = start_task(
+        &http,
+        &b[0].mcp(),
+        "slow_task",
+        json!({"steps": 100, "delay_ms": 500}),
+    )
+    .await;
+    let started = Instant::now();
+    b[0].terminate(Duration::from_secs(10))
+        .await
+        .expect("exits on SIGTERM");
+    let failed = get(&http, &b[1].mcp(), &id).await;
+    let took = started.elapsed();
+    eprintln!("SIGTERM to exit took {took:?}; the task then read {failed}");
+    assert_eq!(failed["result"]["status"], "failed", "{failed}");
+    assert!(
+        failed["result"]["statusMessage"]
+            .as_str()
+            .is_some_and(|m| m.contains("shut down")),
+        "{failed}"
+    );
+    assert!(took < Duration::from_secs(15), "before the lease ran out");
 }
