@@ -17,11 +17,7 @@ async fn send(
     params: Value,
 ) -> (String, Value) {
     let mut params = params;
-    params["_meta"] = json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "cache-test", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {}
-    });
+    params["_meta"] = super::tasks::meta(json!({}));
     let mut r = http
         .post(url)
         .header("content-type", "application/json")
@@ -140,12 +136,9 @@ async fn repeated_lists_reach_the_backends_once_per_ttl_and_a_list_change_emptie
     // A client listening through the proxy learns of a list change only after the cache
     // forgot the old list: its next list is never a stale hit.
     let listen = json!({"jsonrpc": "2.0", "id": "l-1", "method": "subscriptions/listen", "params": {
-    "notifications": {"toolsListChanged": true},
-    "_meta": {
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "cache-test", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {}
-    }}});
+        "notifications": {"toolsListChanged": true},
+        "_meta": super::tasks::meta(json!({}))
+    }});
     let stream = http
         .post(&url)
         .header("content-type", "application/json")

@@ -6,18 +6,23 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use tests::{Backend, Redis};
 
+/// The `_meta` of a stateless 2026-07-28 request declaring `capabilities`.
+pub(crate) fn meta(capabilities: Value) -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientInfo": {"name": "mcp-edge-tests", "version": "1"},
+        "io.modelcontextprotocol/clientCapabilities": capabilities
+    })
+}
+
 /// A stateless 2026-07-28 request of a client that declares the tasks extension, sent to
 /// `url` by `http`, with the routing headers the spec asks for; returns the JSON-RPC message.
 pub(crate) async fn rpc(http: &reqwest::Client, url: &str, method: &str, params: Value) -> Value {
     let mut params = params;
-    params["_meta"] = json!({
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "tasks-test", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {
-            "elicitation": {},
-            "extensions": {"io.modelcontextprotocol/tasks": {}}
-        }
-    });
+    params["_meta"] = meta(json!({
+        "elicitation": {},
+        "extensions": {"io.modelcontextprotocol/tasks": {}}
+    }));
     let name = params
         .get("name")
         .or_else(|| params.get("taskId"))
@@ -226,20 +231,12 @@ async fn an_input_required_task_is_answered_through_another_replica() {
     );
 }
 
-/// The replica running a task is SIGKILLed: the others report the task `failed`, with a
-/// message saying why, within the lease (`tasks.lease_seconds: 3` here), never `working`
-/// forever.
-#[tokio::test]
-async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
+/// Three replicas with `yaml`, and a long `slow_task` (50 s) started on the first.
+async fn long_task_on_a(
+    yaml: &str,
+) -> (Redis, Vec<Backend>, tests::TempDir, reqwest::Client, String) {
     let redis = Redis::start(false).await.expect("redis");
-    let lease = Duration::from_secs(3);
-    let (mut b, _dir) = super::continuity::backends_on(
-        &redis,
-        &["a", "b", "c"],
-        &[],
-        Some("tasks: {lease_seconds: 3}\n"),
-    )
-    .await;
+    let (b, dir) = super::continuity::backends_on(&redis, &["a", "b", "c"], &[], Some(yaml)).await;
     let http = reqwest::Client::new();
     let id = start_task(
         &http,
@@ -248,6 +245,16 @@ async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
         json!({"steps": 100, "delay_ms": 500}),
     )
     .await;
+    (redis, b, dir, http, id)
+}
+
+/// The replica running a task is SIGKILLed: the others report the task `failed`, with a
+/// message saying why, within the lease (`tasks.lease_seconds: 3` here), never `working`
+/// forever.
+#[tokio::test]
+async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
+    let lease = Duration::from_secs(3);
+    let (_redis, mut b, _dir, http, id) = long_task_on_a("tasks: {lease_seconds: 3}\n").await;
     let (_, _) = poll_until(
         &http,
         &b[1].mcp(),
@@ -292,12 +299,9 @@ async fn clients_without_the_extension_get_inline_results_and_no_task_surface() 
     let b = Backend::start("solo", None, &[]).await.expect("backend");
     let http = reqwest::Client::new();
     let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-    "name": "slow_task", "arguments": {"steps": 1, "delay_ms": 0},
-    "_meta": {
-        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
-        "io.modelcontextprotocol/clientInfo": {"name": "t", "version": "1"},
-        "io.modelcontextprotocol/clientCapabilities": {}
-    }}});
+        "name": "slow_task", "arguments": {"steps": 1, "delay_ms": 0},
+        "_meta": meta(json!({}))
+    }});
     let m: Value = http
         .post(b.mcp())
         .header("content-type", "application/json")
@@ -330,22 +334,8 @@ async fn clients_without_the_extension_get_inline_results_and_no_task_surface() 
 /// pollers learn at once instead of after the lease (15 s here).
 #[tokio::test]
 async fn a_replica_leaving_on_sigterm_fails_its_tasks_at_once() {
-    let redis = Redis::start(false).await.expect("redis");
-    let (mut b, _dir) = super::continuity::backends_on(
-        &redis,
-        &["a", "b", "c"],
-        &[],
-        Some("shutdown_drain_seconds: 0\nshutdown_grace_seconds: 1\n"),
-    )
-    .await;
-    let http = reqwest::Client::new();
-    let id = start_task(
-        &http,
-        &b[0].mcp(),
-        "slow_task",
-        json!({"steps": 100, "delay_ms": 500}),
-    )
-    .await;
+    let (_redis, mut b, _dir, http, id) =
+        long_task_on_a("shutdown_drain_seconds: 0\nshutdown_grace_seconds: 1\n").await;
     let started = Instant::now();
     b[0].terminate(Duration::from_secs(10))
         .await
