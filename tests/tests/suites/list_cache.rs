@@ -16,33 +16,13 @@ async fn send(
     method: &str,
     params: Value,
 ) -> (String, Value) {
-    let mut params = params;
-    params["_meta"] = super::tasks::meta(json!({}));
-    let mut r = http
-        .post(url)
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", method);
-    if let Some(name) = params.get("name").and_then(Value::as_str) {
-        r = r.header("mcp-name", name);
-    }
-    if let Some(t) = bearer {
-        r = r.bearer_auth(t);
-    }
-    let body = json!({"jsonrpc": "2.0", "id": "c-1", "method": method, "params": params});
-    let reply = r.body(body.to_string()).send().await.expect("send");
-    let cache = reply
-        .headers()
+    let (headers, m) =
+        super::tasks::stateless(http, url, bearer, json!("c-1"), method, (params, json!({}))).await;
+    let cache = headers
         .get("x-mcp-cache")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_owned();
-    let mut text = reply.text().await.unwrap_or_default();
-    let m = tests::parse_sse(&mut text)
-        .iter()
-        .find_map(tests::SseEvent::json)
-        .unwrap_or_else(|| serde_json::from_str(&text).unwrap_or_default());
     (cache, m)
 }
 

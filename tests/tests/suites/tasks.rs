@@ -15,49 +15,62 @@ pub(crate) fn meta(capabilities: Value) -> Value {
     })
 }
 
-/// A stateless 2026-07-28 request of a client that declares the tasks extension, sent to
-/// `url` by `http`, with the routing headers the spec asks for; returns the JSON-RPC message.
-pub(crate) async fn rpc(http: &reqwest::Client, url: &str, method: &str, params: Value) -> Value {
+/// A stateless 2026-07-28 JSON-RPC request (id `id`) with `capabilities` in its `_meta` and
+/// the routing headers the spec asks for (`Mcp-Name` from `name` or `taskId`), optionally
+/// with a bearer token; returns the reply's headers and its JSON-RPC response.
+pub(crate) async fn stateless(
+    http: &reqwest::Client,
+    url: &str,
+    bearer: Option<&str>,
+    id: Value,
+    method: &str,
+    (params, capabilities): (Value, Value),
+) -> (reqwest::header::HeaderMap, Value) {
     let mut params = params;
-    params["_meta"] = meta(json!({
-        "elicitation": {},
-        "extensions": {"io.modelcontextprotocol/tasks": {}}
-    }));
-    let name = params
-        .get("name")
-        .or_else(|| params.get("taskId"))
-        .and_then(Value::as_str)
-        .map(str::to_owned);
+    params["_meta"] = meta(capabilities);
     let mut r = http
         .post(url)
         .header("content-type", "application/json")
         .header("accept", "application/json, text/event-stream")
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", method);
-    if let Some(n) = name {
+    if let Some(n) = params
+        .get("name")
+        .or_else(|| params.get("taskId"))
+        .and_then(Value::as_str)
+    {
         r = r.header("mcp-name", n);
     }
-    let body = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    if let Some(t) = bearer {
+        r = r.bearer_auth(t);
+    }
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
     let reply = r
         .body(body.to_string())
         .send()
         .await
         .unwrap_or_else(|e| panic!("{method} to {url}: {e}"));
-    let sse = reply
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let headers = reply.headers().clone();
     let mut text = reply.text().await.unwrap_or_default();
-    if sse {
-        tests::parse_sse(&mut text)
-            .iter()
-            .filter_map(tests::SseEvent::json)
-            .find(|m| m.get("id").is_some())
-            .unwrap_or_else(|| panic!("{method}: no response in the stream"))
-    } else {
-        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
-    }
+    let m = tests::parse_sse(&mut text)
+        .iter()
+        .filter_map(tests::SseEvent::json)
+        .find(|m| m.get("id").is_some())
+        .or_else(|| serde_json::from_str(&text).ok())
+        .unwrap_or_else(|| panic!("{method}: no JSON-RPC response in {text:?}"));
+    (headers, m)
+}
+
+/// A stateless request of a client that declares the tasks extension; returns the JSON-RPC
+/// response.
+pub(crate) async fn rpc(http: &reqwest::Client, url: &str, method: &str, params: Value) -> Value {
+    let capabilities = json!({
+        "elicitation": {},
+        "extensions": {"io.modelcontextprotocol/tasks": {}}
+    });
+    stateless(http, url, None, json!(1), method, (params, capabilities))
+        .await
+        .1
 }
 
 /// Starts `name` with `args` on `url` and returns the task id of the CreateTaskResult.
@@ -298,36 +311,32 @@ async fn the_task_of_a_killed_replica_is_reported_failed_within_its_lease() {
 async fn clients_without_the_extension_get_inline_results_and_no_task_surface() {
     let b = Backend::start("solo", None, &[]).await.expect("backend");
     let http = reqwest::Client::new();
-    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
-        "name": "slow_task", "arguments": {"steps": 1, "delay_ms": 0},
-        "_meta": meta(json!({}))
-    }});
-    let m: Value = http
-        .post(b.mcp())
-        .header("content-type", "application/json")
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-protocol-version", "2026-07-28")
-        .header("mcp-method", "tools/call")
-        .header("mcp-name", "slow_task")
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("send")
-        .text()
-        .await
-        .map(|t| {
-            let mut t = t;
-            tests::parse_sse(&mut t)
-                .iter()
-                .find_map(tests::SseEvent::json)
-                .unwrap_or_else(|| serde_json::from_str(&t).unwrap_or_default())
-        })
-        .expect("body");
+    let call = json!({"name": "slow_task", "arguments": {"steps": 1, "delay_ms": 0}});
+    let (_, m) = stateless(
+        &http,
+        &b.mcp(),
+        None,
+        json!(1),
+        "tools/call",
+        (call, json!({})),
+    )
+    .await;
     assert_eq!(
         m["result"]["content"][0]["text"], "completed 1 steps",
         "{m}"
     );
     assert!(m["result"].get("taskId").is_none(), "{m}");
+    let poll = json!({"taskId": "0123456789abcdef0123456789abcdef"});
+    let (_, m) = stateless(
+        &http,
+        &b.mcp(),
+        None,
+        json!(2),
+        "tasks/get",
+        (poll, json!({})),
+    )
+    .await;
+    assert_eq!(m["error"]["code"], -32021, "{m}");
 }
 
 /// A replica leaving on SIGTERM (a rolling restart) fails the tasks it runs as it goes, so
