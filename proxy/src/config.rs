@@ -42,6 +42,11 @@ pub mod defaults {
         "prompts/list",
         "prompts/get",
         "completion/complete",
+        // The tasks extension: a read, and two writes the spec makes idempotent (answered
+        // input keys are ignored; a cancel of an ended task is the same ack).
+        "tasks/get",
+        "tasks/update",
+        "tasks/cancel",
     ];
     pub const CONNECT_MS: u64 = 1000;
     pub const READ_MS: u64 = 120_000;
