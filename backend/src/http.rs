@@ -178,6 +178,7 @@ struct RpcSlot(Arc<std::sync::Mutex<Rpc>>);
 async fn metrics(State(state): State<AppState>) -> Response {
     let m = crate::metrics::metrics();
     m.workers.set(state.sessions.local_count().await as i64);
+    m.tasks_running.set(state.node.tasks.running() as i64);
     let active = tokio::time::timeout(state.node.config.redis_timeout, state.node.store.count())
         .await
         .ok()

@@ -46,6 +46,13 @@ pub struct Metrics {
     pub bus_lagged: IntCounter,
     /// Bus subscriptions lost and made again.
     pub bus_reconnects: IntCounter,
+    /// Tasks by event: `created`, `refused` (a limit), how the ones run here ended
+    /// (`completed`, `failed`, `cancelled`, or `lost`: no longer ours, its lease lost or its
+    /// record expired), and two markers within those: `stopped` (cancelled work that ignored
+    /// the cancel) and `shutdown` (failed because this replica left).
+    pub tasks: IntCounterVec,
+    /// Tasks running on this replica (set at scrape time).
+    pub tasks_running: IntGauge,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -147,6 +154,12 @@ impl Metrics {
                 "mcp_backend_bus_reconnects_total",
                 "Bus subscriptions lost and made again",
             )?,
+            tasks: counter(
+                "mcp_backend_tasks_total",
+                "Tasks created or refused here, and how the ones run here ended",
+                &["event"],
+            )?,
+            tasks_running: gauge("mcp_backend_tasks_running", "Tasks running on this replica")?,
             registry,
         })
     }
@@ -184,6 +197,7 @@ mod tests {
         m.sessions_ended.with_label_values(&["deleted"]).inc();
         m.store_duration.with_label_values(&["touch"]).observe(0.1);
         m.store_errors.with_label_values(&["touch"]).inc();
+        m.tasks.with_label_values(&["created"]).inc();
         let text = String::from_utf8(m.render()).unwrap();
         let defined: Vec<&str> = text
             .lines()

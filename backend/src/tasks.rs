@@ -154,6 +154,14 @@ fn unknown_task(id: &str) -> ErrorData {
     )
 }
 
+/// Counts a task event in `mcp_backend_tasks_total`.
+fn count(event: &str) {
+    crate::metrics::metrics()
+        .tasks
+        .with_label_values(&[event])
+        .inc();
+}
+
 fn unavailable(e: StoreError) -> ErrorData {
     ErrorData::internal_error(format!("task store unavailable: {e}"), None)
 }
@@ -393,6 +401,7 @@ impl Tasks {
         let error = json!({"code": -32603, "message": message}).to_string();
         futures::future::join_all(running.iter().map(|(id, local)| {
             self.fence(local);
+            count("shutdown");
             self.finish(id, "failed", "error", &error, message)
         }))
         .await;
@@ -430,6 +439,7 @@ impl Tasks {
                 max_running = self.config.max_running,
                 "tasks.max_running reached on this replica"
             );
+            count("refused");
             return Ok(None);
         }
         let created = self.start_task(owner, tool, work).await;
@@ -461,6 +471,7 @@ impl Tasks {
         {
             Admission::Admitted | Admission::Missing => {}
             Admission::Full { retry_after } => {
+                count("refused");
                 return Err(ErrorData::new(
                     ErrorCode(-32000),
                     format!(
@@ -538,6 +549,7 @@ impl Tasks {
                 None => {
                     handle.abort();
                     tracing::warn!(task = %task_id, "task work did not stop after a cancel; stopped");
+                    count("stopped");
                     let _ = me
                         .finish(
                             &task_id,
@@ -552,6 +564,7 @@ impl Tasks {
             me.locals().remove(&task_id);
             me.running.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         });
+        count("created");
         let created = rfc3339(now);
         Ok(Some(CreateTaskResult::new(
             Task::new(id, TaskStatus::Working, created.clone(), created)
@@ -600,7 +613,10 @@ impl Tasks {
                     .await
             }
             // Aborted: the task is no longer ours to write.
-            Err(_) => return,
+            Err(_) => {
+                count("lost");
+                return;
+            }
         };
         if let Err(e) = written {
             tracing::warn!(task = id, error = %e, "cannot record how a task ended; its lease will fail it");
@@ -629,7 +645,14 @@ impl Tasks {
         let deadline = Instant::now() + self.config.lease;
         loop {
             match self.store.task(id, op).await {
-                Ok(_) => return Ok(()),
+                Ok(TaskReply::Runner { .. }) => {
+                    count(status);
+                    return Ok(());
+                }
+                Ok(_) => {
+                    count("lost");
+                    return Ok(());
+                }
                 Err(e) if Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
             }
