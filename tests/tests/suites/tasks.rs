@@ -190,6 +190,34 @@ async fn a_task_created_on_one_replica_is_polled_on_the_others_and_cancelled_on_
 
     let unknown = get(&http, &c, "0123456789abcdef0123456789abcdef").await;
     assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+
+    // A's metrics say what ran there; the pollers ran nothing.
+    let metric = |text: &str, event: &str| {
+        let line = format!("mcp_backend_tasks_total{{event=\"{event}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&line)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let scrape = |base: String| async move {
+        reqwest::get(format!("{base}/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .unwrap_or_default()
+    };
+    // (A counts an end right after writing it, so a poller may see the end a moment first.)
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let on_a = scrape(b[0].base()).await;
+        let counts = ["created", "completed", "cancelled"].map(|e| metric(&on_a, e));
+        if counts == [2, 1, 1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{counts:?}: {on_a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&scrape(b[1].base()).await, "created"), 0);
 }
 
 #[tokio::test]
