@@ -505,7 +505,8 @@ impl Tasks {
             ("nin", "0".to_owned()),
             ("nre", "0".to_owned()),
         ];
-        self.store
+        let written = self
+            .store
             .task(
                 &id,
                 TaskOp::Create {
@@ -515,8 +516,16 @@ impl Tasks {
                     lease_ms: self.lease_ms(),
                 },
             )
-            .await
-            .map_err(unavailable)?;
+            .await;
+        if let Err(e) = written {
+            // The principal's place is not held until the TTL for a task that never was.
+            if limit > 0
+                && let Err(release) = self.store.release_task(owner, &id).await
+            {
+                tracing::debug!(error = %release, "task place not given back; it expires");
+            }
+            return Err(unavailable(e));
+        }
         let local = Arc::new(Local {
             wake: Notify::new(),
             cancel: CancellationToken::new(),

@@ -409,6 +409,11 @@ impl Engine for MemoryEngine {
         Ok(reply)
     }
 
+    async fn release_task(&self, _owner: &str, _id: &str) -> StoreResult<()> {
+        // The count is the live records themselves: nothing was taken.
+        Ok(())
+    }
+
     async fn admit_task(
         &self,
         owner: &str,

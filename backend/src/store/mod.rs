@@ -246,6 +246,9 @@ pub trait Engine: Send + Sync {
     async fn publish(&self, topic: &str, payload: &str) -> StoreResult<()>;
     /// One atomic operation on a task record (see [`task`]).
     async fn task(&self, id: &str, op: TaskOp<'_>) -> StoreResult<TaskReply>;
+    /// Gives back the place [`Engine::admit_task`] took for `id` (its record was never
+    /// written).
+    async fn release_task(&self, owner: &str, id: &str) -> StoreResult<()>;
     /// Counts task `id` (until `expires`, ms) among `owner`'s live tasks, within `limit`.
     async fn admit_task(
         &self,

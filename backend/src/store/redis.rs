@@ -249,6 +249,12 @@ impl RedisEngine {
         format!("{}{{{id}}}:t", self.settings.prefix)
     }
 
+    /// One principal's task set; owners are hex hashes, the anonymous callers share one.
+    fn task_owner_key(&self, owner: &str) -> String {
+        let owner = if owner.is_empty() { "anonymous" } else { owner };
+        format!("{}tasks:{{{owner}}}", self.settings.prefix)
+    }
+
     fn index_key(&self) -> String {
         format!("{}sessions", self.settings.prefix)
     }
@@ -715,6 +721,15 @@ impl Engine for RedisEngine {
         })
     }
 
+    async fn release_task(&self, owner: &str, id: &str) -> StoreResult<()> {
+        let mut c = self.conn()?;
+        self.timed(
+            "release_task",
+            c.zrem::<_, _, ()>(self.task_owner_key(owner), id),
+        )
+        .await
+    }
+
     async fn admit_task(
         &self,
         owner: &str,
@@ -725,9 +740,7 @@ impl Engine for RedisEngine {
         let mut c = self.conn()?;
         let now = now_ms();
         let mut inv = self.scripts.owner.prepare_invoke();
-        // Owners are hex hashes; the anonymous callers share one set.
-        let owner = if owner.is_empty() { "anonymous" } else { owner };
-        inv.key(format!("{}tasks:{{{owner}}}", self.settings.prefix))
+        inv.key(self.task_owner_key(owner))
             .arg(now)
             .arg(limit)
             .arg(id)

@@ -457,6 +457,14 @@ impl Store {
         self.engine.task(id, op).await
     }
 
+    /// Gives back the place [`Store::admit_task`] took for `id`, whose record could not be
+    /// written.
+    pub async fn release_task(&self, owner: Option<&str>, id: &str) -> StoreResult<()> {
+        self.engine
+            .release_task(owner.unwrap_or_default(), id)
+            .await
+    }
+
     /// Whether principal `owner` (`None`: the anonymous callers, together) may hold one more
     /// live task within `limit` (0: none); on admission `id` is counted until `expires` (ms).
     pub async fn admit_task(

@@ -742,6 +742,19 @@ async fn expired_tasks_and_their_owner_sets_leave_nothing_behind() {
             Some(Admission::Admitted),
             "{name}: limits are per principal"
         );
+        // A place taken for a task whose record was never written is given back.
+        let x = "00000000000000000000000000000010";
+        let taken = s.admit_task(Some("alice"), x, expires, 3).await.ok();
+        assert_eq!(taken, Some(Admission::Admitted), "{name}");
+        assert!(s.release_task(Some("alice"), x).await.is_ok(), "{name}");
+        let y = "00000000000000000000000000000011";
+        let next = s.admit_task(Some("alice"), y, expires, 3).await.ok();
+        assert_eq!(
+            next,
+            Some(Admission::Admitted),
+            "{name}: the released place is free"
+        );
+        assert!(s.release_task(Some("alice"), y).await.is_ok(), "{name}");
         assert_eq!(
             s.admit_task(None, "0000000000000000000000000000000e", expires, 2)
                 .await
