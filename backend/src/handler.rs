@@ -184,6 +184,22 @@ fn arg_f64(args: &JsonObject, key: &str) -> Result<f64, String> {
         .ok_or_else(|| format!("argument `{key}` must be a number"))
 }
 
+/// What `confirm` asks, inline (elicitation) or as a task (an input request).
+fn confirm_schema(question: &str) -> Value {
+    json!({
+        "type": "object",
+        "properties": {"confirmed": {"type": "boolean", "description": question}},
+        "required": ["confirmed"]
+    })
+}
+
+/// `confirm`'s result, inline or as a task.
+fn confirm_result(action: &str, confirmed: bool, node: &str) -> CallToolResult {
+    let mut r = text_result(format!("action={action} confirmed={confirmed}"));
+    r.structured_content = Some(json!({"confirmed": confirmed, "node": node}));
+    r
+}
+
 /// `slow_task`'s steps and delay per step (ms), clamped to its schema.
 fn slow_task_args(args: &JsonObject) -> (u64, u64) {
     let steps = args
@@ -307,27 +323,27 @@ impl Handler {
             Started::Now(response) => return Ok(Some(response)),
             Started::Task(work) => work,
         };
-        if self.node.is_draining() {
-            // Leaving: no new task here (an optional one runs inline; the balancer is
-            // already moving new requests to other replicas).
-            return match support {
-                Support::Optional => Ok(None),
-                Support::Required => Err(ErrorData::new(
-                    ErrorCode(-32000),
-                    "this replica is shutting down; retry the call (another replica takes it)",
-                    None,
-                )),
-            };
-        }
-        let owner = owner_of(cx);
-        match self
-            .node
-            .tasks
-            .create(owner.as_deref(), &request.name, work)
-            .await?
-        {
+        // A replica that is leaving starts no task (the balancer is already moving new
+        // requests elsewhere); nor does one at `tasks.max_running`. Either way an optional
+        // tool runs inline and a task-only one is refused.
+        let draining = self.node.is_draining();
+        let created = if draining {
+            None
+        } else {
+            let owner = owner_of(cx);
+            self.node
+                .tasks
+                .create(owner.as_deref(), &request.name, work)
+                .await?
+        };
+        match created {
             Some(created) => Ok(Some(CallToolResponse::Task(created))),
             None if support == Support::Optional => Ok(None),
+            None if draining => Err(ErrorData::new(
+                ErrorCode(-32000),
+                "this replica is shutting down; retry the call (another replica takes it)",
+                None,
+            )),
             None => Err(ErrorData::new(
                 ErrorCode(-32000),
                 format!(
@@ -362,9 +378,7 @@ impl Handler {
                 Started::task(move |ctx: TaskCtx| async move {
                     let request: InputRequest = serde_json::from_value(json!({
                         "method": "elicitation/create",
-                        "params": {"message": question, "requestedSchema": {"type": "object",
-                            "properties": {"confirmed": {"type": "boolean"}},
-                            "required": ["confirmed"]}}
+                        "params": {"message": question, "requestedSchema": confirm_schema(&question)}
                     }))
                     .map_err(|e| TaskExit::Error(ErrorData::internal_error(e.to_string(), None)))?;
                     let answers = ctx
@@ -381,9 +395,7 @@ impl Handler {
                         .and_then(|c| c.get("confirmed"))
                         .and_then(Value::as_bool)
                         .unwrap_or(false);
-                    let mut r = text_result(format!("action={action} confirmed={confirmed}"));
-                    r.structured_content = Some(json!({"confirmed": confirmed, "node": node}));
-                    Ok(r)
+                    Ok(confirm_result(&action, confirmed, &node))
                 })
             }
             _ => conformance::task_work(request)?,
@@ -553,12 +565,9 @@ impl Handler {
             }
             "confirm" => {
                 let question = arg_str(args, "question").unwrap_or("Confirm?").to_owned();
-                let schema: ElicitationSchema = serde_json::from_value(json!({
-                    "type": "object",
-                    "properties": {"confirmed": {"type": "boolean", "description": question}},
-                    "required": ["confirmed"]
-                }))
-                .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
+                let schema: ElicitationSchema =
+                    serde_json::from_value(confirm_schema(&question))
+                        .map_err(|e| ErrorData::internal_error(e.to_string(), None))?;
                 match cx
                     .peer
                     .create_elicitation(ElicitRequestParams::FormElicitationParams {
@@ -575,16 +584,11 @@ impl Handler {
                             .and_then(|c| c.get("confirmed"))
                             .and_then(Value::as_bool)
                             .unwrap_or(false);
-                        let mut r = text_result(format!(
-                            "action={} confirmed={confirmed}",
-                            serde_json::to_value(&answer.action)
-                                .ok()
-                                .and_then(|v| v.as_str().map(str::to_owned))
-                                .unwrap_or_default()
-                        ));
-                        r.structured_content =
-                            Some(json!({"confirmed": confirmed, "node": self.node.config.node_id}));
-                        r
+                        let action = serde_json::to_value(&answer.action)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_owned))
+                            .unwrap_or_default();
+                        confirm_result(&action, confirmed, &self.node.config.node_id)
                     }
                     Err(e) => tool_error(format!("elicitation failed: {e}")),
                 }
