@@ -374,6 +374,7 @@ impl Tasks {
                     task = id,
                     "task no longer ours (lease lost or expired); stopping its work"
                 );
+                count("lost");
                 self.fence(local);
             }
             Err(e) => {
@@ -621,11 +622,9 @@ impl Tasks {
                 self.finish(id, "failed", "error", &error_of(&e), "the tool panicked")
                     .await
             }
-            // Aborted: the task is no longer ours to write.
-            Err(_) => {
-                count("lost");
-                return;
-            }
+            // Aborted (counted where it was: a lost lease, or shutdown): the task is no
+            // longer ours to write.
+            Err(_) => return,
         };
         if let Err(e) = written {
             tracing::warn!(task = id, error = %e, "cannot record how a task ended; its lease will fail it");
