@@ -111,20 +111,26 @@ impl State {
         if limit == 0 {
             return Admission::Admitted;
         }
-        let now = Instant::now();
-        let expiries: Vec<Instant> = self
+        let mine = self
             .sessions
             .iter()
-            .filter(|(id, s)| s.expires > now && Some(id.as_str()) != except && s.owner() == owner)
-            .map(|(_, s)| s.expires)
-            .collect();
-        if (expiries.len() as u64) < limit {
-            return Admission::Admitted;
-        }
-        let oldest = expiries.into_iter().min().unwrap_or(now);
-        Admission::Full {
-            retry_after: oldest.saturating_duration_since(now),
-        }
+            .filter(|(id, s)| Some(id.as_str()) != except && s.owner() == owner)
+            .map(|(_, s)| s.expires);
+        admit_by_expiry(mine, limit)
+    }
+}
+
+/// Whether one more fits beside the entries expiring at `expiries` within `limit`; when not,
+/// how long until the oldest live one expires. Expired entries do not count.
+fn admit_by_expiry(expiries: impl Iterator<Item = Instant>, limit: u64) -> Admission {
+    let now = Instant::now();
+    let live: Vec<Instant> = expiries.filter(|e| *e > now).collect();
+    if (live.len() as u64) < limit {
+        return Admission::Admitted;
+    }
+    let oldest = live.into_iter().min().unwrap_or(now);
+    Admission::Full {
+        retry_after: oldest.saturating_duration_since(now),
     }
 }
 
@@ -424,23 +430,13 @@ impl Engine for MemoryEngine {
         // The record written next carries the owner and the expiry: counting live records
         // is the owner set.
         let s = self.state();
-        let now = Instant::now();
-        let expiries: Vec<Instant> = s
+        let mine = s
             .tasks
             .iter()
             .filter(|(tid, t)| {
-                t.expires > now
-                    && tid.as_str() != id
-                    && t.fields.get("owner").map_or("", String::as_str) == owner
+                tid.as_str() != id && t.fields.get("owner").map_or("", String::as_str) == owner
             })
-            .map(|(_, t)| t.expires)
-            .collect();
-        if (expiries.len() as u64) < limit {
-            return Ok(Admission::Admitted);
-        }
-        let oldest = expiries.into_iter().min().unwrap_or(now);
-        Ok(Admission::Full {
-            retry_after: oldest.saturating_duration_since(now),
-        })
+            .map(|(_, t)| t.expires);
+        Ok(admit_by_expiry(mine, limit))
     }
 }
