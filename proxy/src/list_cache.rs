@@ -244,10 +244,16 @@ impl ListCache {
         None
     }
 
+    /// The largest answer body worth reading for a fill: a result of `max_entry_bytes` and
+    /// its JSON-RPC (and SSE) envelope.
+    pub fn max_answer_bytes(&self) -> usize {
+        self.config.max_entry_bytes + 4096
+    }
+
     /// Stores the backend's answer `body` (a JSON body or SSE events) to `l`, if the server
     /// marked it cacheable. Returns whether it was stored.
     pub fn fill(&self, l: &Lookup, body: &[u8]) -> bool {
-        if body.len() > self.config.max_entry_bytes + 4096 {
+        if body.len() > self.max_answer_bytes() {
             return false;
         }
         let Some(answer) = answer_to(body, &l.id) else {

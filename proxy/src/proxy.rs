@@ -942,6 +942,10 @@ impl ProxyHttp for McpProxy {
         // `Accept` of both types, no `Origin` (the backend's DNS-rebinding check stays the
         // backend's), no credentials the proxy did not check itself, and the `_meta` a
         // 2026-07-28 request must carry (checked in `lookup`).
+        // Every listen stream through a cached pool is read for list changes, whoever sends it.
+        ctx.list_watch = pool.list_cache.is_some()
+            && kind == Kind::Post
+            && ctx.peek.method.as_deref() == Some("subscriptions/listen");
         if let Some(cache) = &pool.list_cache
             && kind == Kind::Post
             && ctx.stateless
@@ -950,7 +954,6 @@ impl ProxyHttp for McpProxy {
             && crate::list_cache::plain_request(&session.req_header().headers, pool.auth.is_some())
         {
             let method = ctx.peek.method.as_deref().unwrap_or_default();
-            ctx.list_watch = method == "subscriptions/listen";
             let version = session
                 .req_header()
                 .headers
@@ -1308,7 +1311,7 @@ impl ProxyHttp for McpProxy {
                 buf.extend_from_slice(chunk);
             }
             let cache = ctx.pool.as_ref().and_then(|p| p.list_cache.as_ref());
-            if cache.is_none_or(|c| buf.len() > c.config().max_entry_bytes + 4096) {
+            if cache.is_none_or(|c| buf.len() > c.max_answer_bytes()) {
                 ctx.list_body = None;
             } else if end_of_stream
                 && let (Some(buf), Some(lookup), Some(pool)) =
