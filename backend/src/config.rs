@@ -977,6 +977,7 @@ mod tests {
             ("tasks: {max_running: 0}", "tasks.max_running"),
             ("tasks: {max_result_bytes: 10}", "tasks.max_result_bytes"),
             ("tasks: {ttl: 5}", "ttl"),
+            ("list_ttl_ms: 90000000", "list_ttl_ms"),
         ] {
             let e = err(yaml);
             assert!(e.contains(key), "error for {yaml:?} must name {key}: {e}");

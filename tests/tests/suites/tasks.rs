@@ -190,6 +190,27 @@ async fn a_task_created_on_one_replica_is_polled_on_the_others_and_cancelled_on_
 
     let unknown = get(&http, &c, "0123456789abcdef0123456789abcdef").await;
     assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+    // Hostile ids name no other key (hash tags, prefixes, case, length) and are unknown.
+    for bad in [
+        "mcp:{x}:t",
+        "{0123456789abcdef0123456789abcde}",
+        &id.to_uppercase(),
+        &format!("{id}0"),
+        "",
+    ] {
+        let m = get(&http, &c, bad).await;
+        assert_eq!(m["error"]["code"], -32602, "{bad:?}: {m}");
+    }
+    let flood: serde_json::Map<String, Value> =
+        (0..65).map(|i| (format!("k{i}"), json!({}))).collect();
+    let m = rpc(
+        &http,
+        &bb,
+        "tasks/update",
+        json!({"taskId": id, "inputResponses": flood}),
+    )
+    .await;
+    assert_eq!(m["error"]["code"], -32602, "more than 64 answers: {m}");
 
     // A's metrics say what ran there; the pollers ran nothing.
     let metric = |text: &str, event: &str| {
